@@ -1,0 +1,26 @@
+"""`python -m videochat {chat,serve,make-demo-checkpoint}`: dispatch to the module that owns each command."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module exposing `main(argv: list[str]) -> int`
+COMMANDS = {
+    "chat": "videochat.cli_chat",
+    "serve": "videochat.server.launcher",
+    "make-demo-checkpoint": "videochat.demo_checkpoint",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m videochat {{{','.join(COMMANDS)}}} ... (--help after a command for its flags)",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
