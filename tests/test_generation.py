@@ -1,0 +1,268 @@
+"""Batched generation engine against a fake model (tiny random Mistral + seeded fake visual tokens):
+batched == one by one token for token (greedy and seeded sampling), equality with HF `generate`, streaming
+deltas == final decode, EOS masked at step 0, cancellation, finish reasons, history as a value, sampling filters
+== HF warpers."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from videochat.chat_format import build_prompt
+from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams,
+                                  IncrementalDetokenizer, filter_top_k_top_p, generate, generate_stream,
+                                  validate_media)
+
+FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+RAW_CONFIG = json.loads((FIXTURE / "config.json").read_text())["model_config"]
+BRIDGE = RAW_CONFIG["bridge"]
+TOKENS_PER_CLIP = BRIDGE["num_query_token"] + BRIDGE["extra_num_query_token"]
+LM_HEAD_GAIN = 60.0  # random init gives ~1e-3 logit gaps; a large gain makes greedy choices clear-cut
+FRAME = 8            # tiny frames: the fake vision only pools them
+
+
+class FakeModel:
+    """The attributes `generation` uses: config, llm, tokenizer, device, dtype, encode_media."""
+
+    def __init__(self, attn_implementation: str = "sdpa"):
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(num_visual_tokens_per_clip=TOKENS_PER_CLIP)
+        llm_config = MistralConfig(**RAW_CONFIG["llm"]["config"])
+        llm_config._attn_implementation = attn_implementation
+        self.llm = MistralForCausalLM(llm_config).eval()
+        with torch.no_grad():
+            self.llm.lm_head.weight.mul_(LM_HEAD_GAIN)
+        self.tokenizer = LlamaTokenizer.from_pretrained(str(FIXTURE / "llm_tokenizer"), legacy=False)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        hidden = llm_config.hidden_size
+        self._proj = torch.randn(3, TOKENS_PER_CLIP * hidden, generator=torch.Generator().manual_seed(1))
+        self.encode_calls = 0
+
+    def encode_media(self, media, media_types, instructions):
+        """Deterministic per request: [clips*96, H] from the per-clip channel means (and the instruction)."""
+        self.encode_calls += 1
+        hidden = self.llm.config.hidden_size
+        out = []
+        for m, instruction in zip(media, instructions):
+            pooled = m.mean(dim=(1, 3, 4)) + (len(instruction) if instruction else 0)
+            out.append(torch.tanh(pooled @ self._proj).reshape(-1, hidden))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FakeModel()
+
+
+def media(clips: int, seed: int, frames: int = 2) -> torch.Tensor:
+    return torch.randn(clips, frames, 3, FRAME, FRAME, generator=torch.Generator().manual_seed(seed))
+
+
+def request(clips=3, seed=0, prompt="What happens?", history=(), max_new_tokens=8, **params) -> ChatRequest:
+    return ChatRequest(media=media(clips, seed), prompt=prompt, history=history,
+                       params=GenerationParams(max_new_tokens=max_new_tokens, **params))
+
+
+MIXED = [
+    dict(clips=3, seed=0, prompt="Describe the action step by step.", max_new_tokens=10),
+    dict(clips=5, seed=1, prompt="What is she wearing?", history=(("Describe it.", "A woman in a kitchen"),),
+         max_new_tokens=4),
+    dict(clips=1, seed=2, prompt="Why?", max_new_tokens=12),
+    dict(clips=7, seed=3, prompt="Where does this take place? Be precise.",
+         history=(("q1", "a1"), ("A longer second question about the video", "and its answer")), max_new_tokens=6),
+]
+
+
+def test_batched_greedy_equals_one_by_one(model):
+    requests = [request(**spec) for spec in MIXED]
+    alone = [generate(model, [r])[0] for r in requests]
+    batched = generate(model, requests)
+    # the mix must exercise both ways of finishing while batch-mates go on
+    assert {r.finish_reason for r in alone} == {FinishReason.STOP, FinishReason.LENGTH}
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+        assert a.prompt_tokens == b.prompt_tokens
+    assert len({tuple(r.token_ids) for r in batched}) == len(batched)  # the requests really differ
+
+
+def test_batched_equals_one_by_one_in_eager_attention():
+    eager = FakeModel(attn_implementation="eager")
+    requests = [request(**spec) for spec in MIXED]
+    assert [r.token_ids for r in generate(eager, requests)] == [generate(eager, [r])[0].token_ids for r in requests]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 0.2])  # < 1 rewards repeats: visible here
+def test_matches_hf_generate(model, penalty):
+    """One request through our engine == HF `generate(inputs_embeds=...)`, the reference's call (with
+    min_new_tokens=1 standing in for the reference's min_length quirk), also with a repetition penalty."""
+    req = request(**{**MIXED[0], "max_new_tokens": 16}, repetition_penalty=penalty)
+    prompt = build_prompt(model.tokenizer, media_type=req.media_type, num_clips=req.num_clips,
+                          tokens_per_clip=TOKENS_PER_CLIP, prompt=req.prompt, history=req.history)
+    embeds = model.llm.get_input_embeddings()(prompt.input_ids).detach().clone()
+    embeds[prompt.placeholder_mask] = model.encode_media([req.media], ["video"], [None])[0]
+    with torch.no_grad():
+        ref = model.llm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, prompt.length,
+                                 dtype=torch.long), max_new_tokens=req.params.max_new_tokens, do_sample=False,
+                                 min_new_tokens=1, eos_token_id=model.tokenizer.eos_token_id, pad_token_id=0,
+                                 repetition_penalty=penalty)
+    ours = generate(model, [req])[0]
+    if penalty != 1.0:  # the penalty must matter for this case to test anything
+        assert ours.token_ids != generate(model, [request(**{**MIXED[0], "max_new_tokens": 16})])[0].token_ids
+    assert ours.token_ids == ref[0].tolist()
+    assert ours.text == model.tokenizer.batch_decode(ref, **DECODE_KWARGS)[0]
+    assert ours.prompt_tokens == prompt.length
+
+
+def test_one_vision_call_per_batch(model):
+    before = model.encode_calls
+    generate(model, [request(**spec) for spec in MIXED])
+    assert model.encode_calls == before + 1
+
+
+def test_stream_deltas_concatenate_to_decode(model):
+    requests = [request(**spec) for spec in MIXED]
+    texts, ids = [""] * len(requests), [[] for _ in requests]
+    finished = [0] * len(requests)
+    for step in generate_stream(model, requests):
+        assert len(step) == len(requests)
+        for i, event in enumerate(step):
+            if event is None:
+                continue
+            assert not finished[i], "a finished request must not emit again"
+            texts[i] += event.text
+            ids[i].append(event.token_id)
+            assert event.completion_tokens == len(ids[i])
+            finished[i] += event.finished
+    assert finished == [1] * len(requests)
+    for text, token_ids in zip(texts, ids):
+        assert text == model.tokenizer.decode(token_ids, **DECODE_KWARGS)
+
+
+def test_generation_leaves_grad_mode_alone(model):
+    for _ in generate_stream(model, [request(max_new_tokens=3)]):
+        assert not torch.is_inference_mode_enabled()
+
+
+class _EosFirst(torch.nn.Module):
+    """Wraps the LLM so that EOS is always the arg-max."""
+
+    def __init__(self, llm, eos_id):
+        super().__init__()
+        self.inner, self.config, self.eos_id = llm, llm.config, eos_id
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits[..., self.eos_id] = out.logits.max() + 1
+        return out
+
+
+def test_eos_masked_at_first_step_then_stops(model):
+    eos = model.tokenizer.eos_token_id
+    eos_model = SimpleNamespace(**{k: getattr(model, k) for k in ("config", "tokenizer", "device", "dtype",
+                                                                   "encode_media")}, llm=_EosFirst(model.llm, eos))
+    result = generate(eos_model, [request(max_new_tokens=5)])[0]
+    assert len(result.token_ids) == 2 and result.token_ids[0] != eos and result.token_ids[1] == eos
+    assert result.finish_reason == FinishReason.STOP == "stop"
+    assert result.text == model.tokenizer.decode(result.token_ids[:1], **DECODE_KWARGS)
+
+
+def test_finish_reasons_history_and_counts(model):
+    history = (("q1", "a1"),)
+    req = request(history=history, max_new_tokens=3)
+    result = generate(model, [req])[0]
+    assert result.finish_reason == FinishReason.LENGTH
+    assert result.completion_tokens == len(result.token_ids) == 3
+    assert result.history == (("q1", "a1"), (req.prompt, result.text))
+    assert req.history == history
+
+
+def test_cancel_one_request_others_unaffected(model):
+    requests = [request(**spec) for spec in MIXED[:3]]
+    steps = {"n": 0}
+
+    def should_stop(i):
+        return i == 1 and steps["n"] >= 2
+
+    results_events = []
+    for events in generate_stream(model, requests, should_stop):
+        steps["n"] += 1
+        results_events.append(events)
+    cancelled = [e[1] for e in results_events if e[1] is not None]
+    assert [e.token_id is None for e in cancelled] == [False, False, True]
+    assert cancelled[-1].finish_reason == FinishReason.CANCELLED and cancelled[-1].finished
+    full = generate(model, requests, should_stop=lambda i: i == 1)
+    assert full[1].finish_reason == FinishReason.CANCELLED and full[1].token_ids == []
+    alone = [generate(model, [r])[0].token_ids for r in requests]
+    assert [full[0].token_ids, full[2].token_ids] == [alone[0], alone[2]]
+
+
+def test_seeded_sampling_independent_of_batch_mates(model):
+    sampled = [ChatRequest(media=media(3, 5), prompt="Tell me.",
+                           params=GenerationParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95,
+                                                   top_k=50, repetition_penalty=1.3, seed=seed))
+               for seed in (11, 12)]
+    alone = [generate(model, [r])[0].token_ids for r in sampled]
+    mixed = generate(model, [request(**MIXED[0]), sampled[0], request(**MIXED[2]), sampled[1]])
+    assert [mixed[1].token_ids, mixed[3].token_ids] == alone
+    assert alone[0] != alone[1]  # different seeds, different samples
+    greedy = generate(model, [ChatRequest(media=media(3, 5), prompt="Tell me.",
+                                          params=GenerationParams(max_new_tokens=10))])[0].token_ids
+    assert alone[0] != greedy
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (7, 0.5), (0, 1.0)])
+def test_filters_match_hf_warpers(top_k, top_p):
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(top_k))
+    expected = logits
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    assert torch.equal(filter_top_k_top_p(logits[0], top_k=top_k, top_p=top_p), expected[0])
+
+
+def test_incremental_detokenizer_matches_full_decode(model):
+    tok = model.tokenizer
+    rng = random.Random(0)
+    vocab = len(tok)
+    for trial in range(40):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        detok = IncrementalDetokenizer(tok)
+        deltas = [detok.push(i) for i in ids]
+        streamed = "".join(deltas) + detok.finish()
+        assert streamed == tok.decode(ids, **DECODE_KWARGS), ids
+        assert all("\ufffd" not in d[-1:] for d in deltas)
+
+
+def test_incomplete_utf8_is_held_back(model):
+    tok = model.tokenizer
+    euro = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "€".encode()]
+    detok = IncrementalDetokenizer(tok)
+    assert [detok.push(i) for i in euro] == ["", "", "€"]
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push(euro[0]) == "" and detok.finish() == tok.decode(euro[:1], **DECODE_KWARGS)
+
+
+def test_request_validation():
+    with pytest.raises(ValueError):
+        validate_media(torch.zeros(3, 2, 3, 8), "video")
+    with pytest.raises(ValueError):
+        ChatRequest(media=torch.zeros(3, 2, 3, 8, 8), prompt="q", media_type="image")
+    with pytest.raises(ValueError):
+        ChatRequest(media=torch.zeros(3, 2, 4, 8, 8), prompt="q")
+    with pytest.raises(ValueError):
+        GenerationParams(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        GenerationParams(top_p=0.0)
+    req = ChatRequest(media=torch.zeros(3, 1, 3, 8, 8), prompt="q", media_type="image", history=[["a", "b"]])
+    assert req.history == (("a", "b"),) and req.media_type == "image"
