@@ -1,0 +1,151 @@
+"""Golden parity of the vision path on the tiny fixture (float32, CPU): per case, turn 0's intermediates
+(ViT output before vision_layernorm, QFormer last hidden state incl. the instruction tokens of A3, project_up
+output) and the merged `inputs_embeds`; plus batched `encode_media` == one request at a time (mixed images,
+videos and instructions of different lengths, quirk Q15)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videochat.model import VideoChatModel
+from videochat.projection import merge_visual_tokens
+
+FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
+CASES = {c["id"]: c for c in GOLDEN["cases"]}
+RTOL, ATOL = 1e-4, 1e-3
+
+
+@pytest.fixture(scope="module")
+def model() -> VideoChatModel:
+    torch.manual_seed(0)
+    return VideoChatModel.from_checkpoint(FIXTURE, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- media
+def _model_card_load_video(path: Path, *, num_segments: int, padding: bool, hd_num: int = 6,
+                           size: int = 224) -> torch.Tensor:
+    """The model card's `load_video` (spec §7), used only while the preprocessing package has not landed."""
+    from decord import VideoReader, cpu
+    from torchvision.transforms.functional import normalize
+
+    vr = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+    n = len(vr)
+    seg = (n - 1) / num_segments
+    idx = [int(seg / 2) + int(np.round(seg * i)) for i in range(num_segments)]
+    frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2).float()   # [T, 3, H, W] 0..255
+    if padding:
+        h, w = frames.shape[-2:]
+        rotated = w < h
+        if rotated:
+            frames = frames.flip(-2, -1)
+        width, height = (h, w) if rotated else (w, h)
+        ratio = width / height
+        scale = 1
+        while scale * math.ceil(scale / ratio) <= hd_num:
+            scale += 1
+        scale -= 1
+        new_w = int(scale * size)
+        new_h = int(new_w / ratio)
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bicubic", align_corners=False)
+        target = int(np.ceil(new_h / size) * size)
+        top = (target - new_h) // 2
+        frames = F.pad(frames, [0, 0, top, target - new_h - top], value=255)
+        if rotated:
+            frames = frames.flip(-2, -1)
+    else:
+        frames = F.interpolate(frames, size=(size, 2 * size), mode="bicubic", align_corners=False)
+    frames = normalize(frames / 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    t, _, h, w = frames.shape
+    tiles = frames.reshape(1, t, 3, h // size, size, w // size, size).permute(0, 3, 5, 1, 2, 4, 6)
+    tiles = tiles.reshape(-1, t, 3, size, size)
+    glb = F.interpolate(frames, size=(size, size), mode="bicubic", align_corners=False).unsqueeze(0)
+    return torch.cat([tiles, glb])                                                          # [N, T, 3, 224, 224]
+
+
+def media_for(case: dict) -> torch.Tensor:
+    """[N, T, 3, 224, 224] float32 of a golden case (preprocessing package if present, else the model card)."""
+    p = case["preprocess"]
+    image = case["media_type"] == "image"
+    video = FIXTURE / case["video"] if (FIXTURE / case["video"]).exists() else FIXTURE / "videos" / Path(case["video"]).name
+    try:
+        from preprocessing import preprocess
+    except ImportError:
+        preprocess = None
+    if preprocess is not None:
+        res = preprocess(video.read_bytes(), num_segments=p["num_segments"], resolution=p["resolution"],
+                         hd_num=p["hd_num"], padding=p["padding"], image=image)
+        return res.pixel_values[0]
+    return _model_card_load_video(video, num_segments=1 if image else p["num_segments"], padding=p["padding"],
+                                  hd_num=p["hd_num"])
+
+
+@pytest.fixture(scope="module")
+def medias() -> dict[str, torch.Tensor]:
+    return {cid: media_for(c) for cid, c in CASES.items()}
+
+
+# ------------------------------------------------------------------------------------------- stats
+def assert_stats(name: str, got: torch.Tensor, want: dict) -> float:
+    """Compare a tensor with golden statistics; returns the max relative difference seen."""
+    assert list(got.shape) == want["shape"], f"{name}: shape {list(got.shape)} vs {want['shape']}"
+    g = got.detach().double()
+    stats = {"sum": g.sum(), "mean": g.mean(), "abs_sum": g.abs().sum(), "std": g.std(), "min": g.min(), "max": g.max()}
+    pairs = [(k, float(v), want[k]) for k, v in stats.items()]
+    pairs += [(f"values_at{idx}", float(g[tuple(idx)]), val) for idx, val in want["values_at"]]
+    worst = 0.0
+    for key, a, b in pairs:
+        assert math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL), f"{name}.{key}: {a} vs golden {b}"
+        if abs(b) > ATOL:
+            worst = max(worst, abs(a - b) / abs(b))
+    return worst
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_intermediates_match_golden(model, medias, case_id):
+    case = CASES[case_id]
+    media = medias[case_id]
+    want = case["turns"][0]["intermediates"]
+    assert list(media.shape) == want["project_up_out"]["shape"][:1] + list(media.shape[1:])
+    out, inter = model.encode_clips(media, [case["instruction"]] * media.shape[0], return_intermediates=True)
+    for key in ("vision_encoder_out", "qformer_last_hidden_state", "project_up_out"):
+        worst = assert_stats(f"{case_id}.{key}", inter[key], want[key])
+        print(f"{case_id} {key}: max rel diff {worst:.2e}")
+
+    # merged LLM input of turn 0: golden ids hold 0 at the placeholders
+    turn = case["turns"][0]
+    ids = torch.tensor(turn["input_ids"])
+    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for start, end in turn["visual_placeholder_spans"]:
+        mask[start:end] = True
+    (visual,) = model.encode_media([media], [case["media_type"]], [case["instruction"]])
+    embeds = merge_visual_tokens(model.embed_tokens(ids), mask, visual)
+    assert_stats(f"{case_id}.inputs_embeds", embeds[None], turn["inputs_embeds"])
+
+
+def test_batched_encode_media_equals_one_by_one(model, medias):
+    a1, a3, a5 = medias["A1_example1_nopad"], medias["A3_example1_pad_instruction"], medias["A5_image_example1_nopad"]
+    media = [a1, a5, a3[:2], a1[:1], a5[1:]]
+    types = ["video", "image", "video", "video", "image"]
+    instructions = [None, "describe the video.", CASES["A3_example1_pad_instruction"]["instruction"], "", None]
+    batched = model.encode_media(media, types, instructions)
+    for i in range(len(media)):
+        (alone,) = model.encode_media([media[i]], [types[i]], [instructions[i]])
+        assert batched[i].shape == (media[i].shape[0] * 96, model.config.llm.hidden_size)
+        assert batched[i].dtype == model.dtype
+        torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5, msg=f"request {i}")
+
+
+def test_encode_media_rejects_bad_input(model):
+    with pytest.raises(ValueError, match="T == 1"):
+        model.encode_media([torch.zeros(1, 2, 3, 224, 224)], ["image"], [None])
+    with pytest.raises(ValueError, match="media_type"):
+        model.encode_media([torch.zeros(1, 1, 3, 224, 224)], ["audio"], [None])
+    with pytest.raises(ValueError, match=r"\[clips, T, 3, H, W\]"):
+        model.encode_media([torch.zeros(1, 3, 224, 224)], ["video"], [None])
