@@ -325,6 +325,32 @@ def _finish(slot: _Slot, reason: FinishReason) -> str:
 
 # --------------------------------------------------------------------------------------------- the engine
 
+def _make_slots(model, requests: Sequence[ChatRequest]) -> list[_Slot]:
+    per_clip = tokens_per_clip(model)
+    return [_Slot(index=i, request=r, generator=_make_generator(r.params, model.device),
+                  detokenizer=IncrementalDetokenizer(model.tokenizer),
+                  prompt=build_prompt(model.tokenizer, media_type=r.media_type, num_clips=r.num_clips,
+                                      tokens_per_clip=per_clip, prompt=r.prompt, history=r.history, msg=r.msg,
+                                      instruction=r.instruction))
+            for i, r in enumerate(requests)]
+
+
+def _prefill(model, slots: Sequence[_Slot], cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vision + one LLM pass over the left-padded prompts, filling `cache`. Returns the first-step logits
+    [B, V] float32, the attention mask [B, L_max] and the next position id per row [B]."""
+    inputs_embeds, attention_mask = _prefill_inputs(model, slots)
+    position_ids = positions_from_mask(attention_mask)
+    logits = _forward(model, inputs_embeds, attention_mask, position_ids, cache)
+    return logits, attention_mask, position_ids[:, -1] + 1
+
+
+def first_step_logits(model, requests: Sequence[ChatRequest]) -> torch.Tensor:
+    """Raw logits [B, V] (float32) of the first generated position, computed by the same batched prefill as
+    `generate_stream` (for parity checks against the reference and for scoring)."""
+    slots = _make_slots(model, requests)
+    logits, _, _ = _prefill(model, slots, DynamicCache(config=model.llm.config))
+    return logits
+
 def generate_stream(model, requests: Sequence[ChatRequest],
                     should_stop: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
     """Generate for all requests together; yield, per step, one `TokenEvent | None` per request (None once the
@@ -335,19 +361,10 @@ def generate_stream(model, requests: Sequence[ChatRequest],
     """
     if not requests:
         return
-    per_clip = tokens_per_clip(model)
     eos_ids = eos_token_ids(model)
-    slots = [_Slot(index=i, request=r, generator=_make_generator(r.params, model.device),
-                   detokenizer=IncrementalDetokenizer(model.tokenizer),
-                   prompt=build_prompt(model.tokenizer, media_type=r.media_type, num_clips=r.num_clips,
-                                       tokens_per_clip=per_clip, prompt=r.prompt, history=r.history, msg=r.msg,
-                                       instruction=r.instruction))
-             for i, r in enumerate(requests)]
-    inputs_embeds, attention_mask = _prefill_inputs(model, slots)
-    position_ids = positions_from_mask(attention_mask)
+    slots = _make_slots(model, requests)
     cache = DynamicCache(config=model.llm.config)
-    logits = _forward(model, inputs_embeds, attention_mask, position_ids, cache)
-    next_position = position_ids[:, -1] + 1
+    logits, attention_mask, next_position = _prefill(model, slots, cache)
     active = list(slots)
     while active:
         events: list[TokenEvent | None] = [None] * len(requests)

@@ -1,0 +1,93 @@
+"""End to end against the official outputs (golden.json): bytes -> preprocessing -> VideoChatModel -> generation.
+
+* every case, every turn, chained through the history that `generate` returns: greedy `generated_ids` and
+  `response` exact, history == `chat_history_after`, first-step top-5 ids exact and logits within 1e-3;
+* one mixed batch of every turn of every case (3/5/7 clips, padding on and off, image and video, with and
+  without instruction, histories of 0-2 turns, different max_new_tokens): each request == its golden tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from videochat.chat_format import normalize_history
+from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, first_step_logits,
+                                  generate)
+
+FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
+CASES = {case["id"]: case for case in GOLDEN["cases"]}
+MAX_NEW_TOKENS = GOLDEN["generation_config"]["max_new_tokens"]
+TOP5 = len(GOLDEN["cases"][0]["turns"][0]["first_step_top5"]["ids"])
+LOGITS_ATOL = 1e-3  # fixture README: observed <= 3e-5 across implementations
+
+
+@pytest.fixture(scope="module")
+def model():
+    from videochat.model import VideoChatModel
+    return VideoChatModel.from_checkpoint(FIXTURE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def media():
+    """case id -> media tensor [clips, T, 3, 224, 224], preprocessed as the case says."""
+    from preprocessing import preprocess
+    out = {}
+    for case_id, case in CASES.items():
+        pre = case["preprocess"]
+        result = preprocess((FIXTURE / case["video"]).read_bytes(), num_segments=pre["num_segments"],
+                            resolution=pre["resolution"], hd_num=pre["hd_num"], padding=pre["padding"],
+                            image=case["media_type"] == "image")
+        out[case_id] = result.pixel_values[0]
+        assert out[case_id].shape[0] == pre["num_clips"]
+    return out
+
+
+def _request(case, media, turn_index, history, max_new_tokens=MAX_NEW_TOKENS) -> ChatRequest:
+    return ChatRequest(media=media[case["id"]], media_type=case["media_type"],
+                       prompt=case["turns"][turn_index]["user_prompt"], history=history, msg=case["msg"],
+                       instruction=case["instruction"], params=GenerationParams(max_new_tokens=max_new_tokens))
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_case_turn_by_turn(model, media, case_id):
+    case = CASES[case_id]
+    history = ()
+    for turn_index, turn in enumerate(case["turns"]):
+        request = _request(case, media, turn_index, history)
+        top5 = first_step_logits(model, [request])[0].topk(TOP5)
+        assert top5.indices.tolist() == turn["first_step_top5"]["ids"], f"turn {turn_index}"
+        torch.testing.assert_close(top5.values, torch.tensor(turn["first_step_top5"]["logits"]),
+                                   atol=LOGITS_ATOL, rtol=0)
+        result = generate(model, [request])[0]
+        assert result.token_ids == turn["generated_ids"], f"turn {turn_index}"
+        assert result.text == turn["response"]
+        assert result.finish_reason == (FinishReason.STOP if turn["stopped_on_eos"] else FinishReason.LENGTH)
+        assert result.prompt_tokens == len(turn["input_ids"])
+        assert result.history == normalize_history(turn["chat_history_after"])
+        history = result.history
+
+
+def test_mixed_batch_equals_golden(model, media):
+    """Every turn of every case in ONE batch, with golden histories and staggered max_new_tokens."""
+    requests, expected, expected_top5 = [], [], []
+    for case in CASES.values():
+        for turn_index, turn in enumerate(case["turns"]):
+            history = normalize_history(case["turns"][turn_index - 1]["chat_history_after"]) if turn_index else ()
+            max_new = MAX_NEW_TOKENS - len(requests) % 4 * 3  # 12, 9, 6, 3, 12, ...
+            requests.append(_request(case, media, turn_index, history, max_new_tokens=max_new))
+            expected.append(turn["generated_ids"][:max_new])
+            expected_top5.append(turn["first_step_top5"])
+    assert len({r.num_clips for r in requests}) >= 3 and len({len(r.history) for r in requests}) == 3
+    top5 = first_step_logits(model, requests).topk(TOP5)
+    assert top5.indices.tolist() == [t["ids"] for t in expected_top5]
+    torch.testing.assert_close(top5.values, torch.tensor([t["logits"] for t in expected_top5]),
+                               atol=LOGITS_ATOL, rtol=0)
+    results = generate(model, requests)
+    for request, result, ids in zip(requests, results, expected):
+        assert result.token_ids == ids, request.prompt
+        assert result.text == model.tokenizer.decode(ids, **DECODE_KWARGS)
+    assert {r.finish_reason for r in results} == {FinishReason.STOP, FinishReason.LENGTH}
