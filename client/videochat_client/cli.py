@@ -1,0 +1,292 @@
+"""`videochat` command line: ask | chat | health | loadtest.
+
+Exit status: 0 success, 2 invalid argument (bad flags or a bad video), 3 server unavailable (unreachable,
+not ready, or the model is not loaded), 1 anything else. Errors go to stderr as
+`videochat: error: <GRPC_STATUS>: <server's message>`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .client import VideoChatClient
+from .conversation import Conversation
+from .errors import InvalidArgument, Unavailable, VideoChatError
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
+DEFAULT_URL = os.environ.get("VIDEOCHAT_URL", "localhost:8001")
+
+
+def exit_code(err: VideoChatError) -> int:
+    if isinstance(err, InvalidArgument):
+        return EXIT_INVALID
+    if isinstance(err, Unavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_ERROR
+
+
+def _report(err: VideoChatError) -> int:
+    print(f"videochat: error: {err.code}: {err.message}", file=sys.stderr)
+    return exit_code(err)
+
+
+# -- argument groups ------------------------------------------------------------------------------------
+def _connection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC HOST:PORT (default $VIDEOCHAT_URL or %(default)s)")
+    g.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (default %(default)s)")
+    g.add_argument("--retries", type=int, default=2,
+                   help="retries of UNAVAILABLE / draining-replica errors before any token arrived (default %(default)s)")
+    g.add_argument("--ssl", action="store_true", help="use TLS")
+    g.add_argument("--root-certificates", help="PEM file with the CA certificates")
+    g.add_argument("--private-key", help="PEM file with the client key (mTLS)")
+    g.add_argument("--certificate-chain", help="PEM file with the client certificate chain (mTLS)")
+    g.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="extra gRPC metadata")
+
+
+def _media(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("media")
+    g.add_argument("--image", action="store_true", help="the input is one image (or use one frame of the video)")
+    g.add_argument("--num-segments", type=int, default=8, help="frames sampled (default %(default)s)")
+    g.add_argument("--hd-num", type=int, default=6, help="max tiles with --padding (default %(default)s)")
+    g.add_argument("--padding", action="store_true", help="HD mode with padding")
+    g.add_argument("--msg", default="", help="system text after the media (model card's msg)")
+    g.add_argument("--instruction", default=None, help="QFormer/LLM instruction")
+
+
+def _generation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (greedy unless --sample)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+
+
+def _client(args) -> VideoChatClient:
+    headers = {}
+    for h in args.header:
+        k, sep, v = h.partition("=")
+        if not sep:
+            raise InvalidArgument(f"--header wants KEY=VALUE, got {h!r}")
+        headers[k.strip().lower()] = v
+    return VideoChatClient(args.url, timeout=args.timeout, max_retries=args.retries, ssl=args.ssl,
+                           root_certificates=args.root_certificates, private_key=args.private_key,
+                           certificate_chain=args.certificate_chain, headers=headers)
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _conversation(client: VideoChatClient, args) -> Conversation:
+    if getattr(args, "resume", None):
+        with open(args.resume) as f:
+            return Conversation.from_json(f.read(), client, video=args.video)
+    return client.conversation(args.video, image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
+                               padding=args.padding, msg=args.msg, instruction=args.instruction)
+
+
+def _save(conv: Conversation, path: Optional[str]) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(conv.to_json())
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_ask(args) -> int:
+    turns = []
+    with _client(args) as client:
+        conv = _conversation(client, args)
+        try:
+            for question in args.questions:
+                if args.stream:
+                    stream = conv.ask_stream(question, **_gen_kwargs(args))
+                    for piece in stream:
+                        if not args.json:
+                            print(piece, end="", flush=True)
+                    answer = stream.answer
+                    if not args.json:
+                        print()
+                else:
+                    answer = conv.ask(question, **_gen_kwargs(args))
+                    if not args.json:
+                        print(answer.text)
+                turns.append({"prompt": question, "text": answer.text, "finish_reason": answer.finish_reason,
+                              "latency_ms": round(answer.timings.latency_ms, 3),
+                              "time_to_first_token_ms": None if answer.timings.time_to_first_token_ms is None
+                              else round(answer.timings.time_to_first_token_ms, 3),
+                              "usage": {"prompt_tokens": answer.usage.prompt_tokens,
+                                        "completion_tokens": answer.usage.completion_tokens,
+                                        "total_tokens": answer.usage.total_tokens},
+                              "token_ids": list(answer.token_ids)})
+        finally:
+            _save(conv, args.save)
+    if args.json:
+        print(json.dumps({"turns": turns}, ensure_ascii=False, indent=1))
+    return EXIT_OK
+
+
+def cmd_chat(args) -> int:
+    interactive = sys.stdin.isatty()
+    with _client(args) as client:
+        conv = _conversation(client, args)
+        try:
+            while True:
+                if interactive:
+                    print("you> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                question = line.strip()
+                if not question:
+                    continue
+                if question.lower() in ("exit", "quit", "/exit", "/quit"):
+                    break
+                for piece in conv.ask_stream(question, **_gen_kwargs(args)):
+                    print(piece, end="", flush=True)
+                print()
+        finally:
+            _save(conv, args.save)
+    return EXIT_OK
+
+
+def cmd_health(args) -> int:
+    with _client(args) as client:
+        try:
+            state = client.health(timeout=min(args.timeout, 10.0))
+        except Unavailable as e:
+            print(json.dumps({"url": args.url, "live": False, "ready": False, "model_ready": False,
+                              "error": f"{e.code}: {e.message}"}))
+            return EXIT_UNAVAILABLE
+    print(json.dumps({"url": args.url, **state}))
+    return EXIT_OK if all(state.values()) else EXIT_UNAVAILABLE
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+    return parse
+
+
+def cmd_loadtest(args) -> int:
+    from .loadtest import LoadConfig, default_metrics_url, run_loadtest, write_outputs
+    from .protocol import MediaOptions
+    if args.concurrency is None and args.rate is None:
+        args.concurrency = [1]
+    if args.requests is not None and args.duration is not None:
+        raise InvalidArgument("give --requests or --duration, not both")
+    metrics_url = None if args.no_metrics else (args.metrics_url or default_metrics_url(args.url))
+    if metrics_url and not metrics_url.startswith("http"):
+        metrics_url = "http://" + metrics_url
+    if metrics_url and not metrics_url.rstrip("/").endswith("/metrics"):
+        metrics_url = metrics_url.rstrip("/") + "/metrics"
+    cfg = LoadConfig(
+        url=args.url, videos=args.video, concurrency=args.concurrency or (), rate=args.rate or (),
+        requests=args.requests, duration=args.duration, turns=args.turns, max_new_tokens=args.max_new_tokens,
+        stream=args.stream, warmup=args.warmup, prompts=args.prompt or LoadConfig.prompts,
+        media=MediaOptions(image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
+                           padding=args.padding, msg=args.msg, instruction=args.instruction),
+        timeout=args.timeout, retries=args.retries, max_inflight=args.max_inflight, metrics_url=metrics_url,
+        seed=args.seed)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    report = asyncio.run(run_loadtest(cfg, progress_stream=None if args.quiet else sys.stderr))
+    try:
+        paths = write_outputs(report, args.out, plot=args.plot)
+    except RuntimeError as e:   # matplotlib missing: the JSON and CSV are written already
+        print(f"videochat: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    for lv in report["levels"]:
+        key = "concurrency" if "concurrency" in lv else "rate"
+        lat = lv["latency_ms"] or {}
+        print(f"{key}={lv[key]}: {lv['requests_per_second']:.2f} req/s, {lv['output_tokens_per_second']:.1f} tok/s, "
+              f"p50 {lat.get('p50', float('nan')):.1f} ms, p99 {lat.get('p99', float('nan')):.1f} ms, "
+              f"errors {lv['errors'] or 0}", file=sys.stderr)
+    print(json.dumps(paths))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="videochat", description="Client for InternVideo2-Chat-8B-HD on Triton "
+                                "(ensemble `videochat`). Exit status: 0 ok, 2 invalid argument, 3 unavailable, 1 other.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("ask", help="ask one or more questions (a multi-turn conversation) about a video")
+    a.add_argument("video", help="video (or image with --image) file")
+    a.add_argument("questions", nargs="+", help="questions, asked in order as one conversation")
+    _connection(a), _media(a), _generation(a)
+    a.add_argument("--stream", action="store_true", help="print answers as they are generated")
+    a.add_argument("--json", action="store_true", help='print {"turns": [{"prompt", "text", "latency_ms", "usage"}, ...]}')
+    a.add_argument("--save", metavar="FILE", help="write the conversation (history, options) as JSON")
+    a.add_argument("--resume", metavar="FILE", help="continue a conversation saved with --save")
+    a.set_defaults(func=cmd_ask)
+
+    c = sub.add_parser("chat", help="interactive conversation: questions from stdin until EOF or 'exit'")
+    c.add_argument("video")
+    _connection(c), _media(c), _generation(c)
+    c.add_argument("--save", metavar="FILE", help="write the conversation as JSON at the end")
+    c.add_argument("--resume", metavar="FILE", help="continue a conversation saved with --save")
+    c.set_defaults(func=cmd_chat)
+
+    h = sub.add_parser("health", help="server live + ready and the `videochat` model ready (exit 0, else 3)")
+    _connection(h)
+    h.set_defaults(func=cmd_health)
+
+    t = sub.add_parser("loadtest", help="closed-loop concurrency or open-loop rate sweep; JSON + CSV (+ PNG) report")
+    t.add_argument("--url", default=DEFAULT_URL)
+    t.add_argument("--video", nargs="+", required=True, help="videos used round robin (one per session)")
+    lv = t.add_mutually_exclusive_group()
+    lv.add_argument("--concurrency", type=_csv(int), help="closed-loop levels, e.g. 1,4,16 (default 1)")
+    lv.add_argument("--rate", type=_csv(float), help="open-loop Poisson request rates, e.g. 0.5,1,2 (req/s)")
+    t.add_argument("--requests", type=int, help="requests per level (default 32)")
+    t.add_argument("--duration", type=float, help="seconds per level instead of a request count")
+    t.add_argument("--turns", type=int, default=1, help="turns per session (default %(default)s)")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--stream", action="store_true", help="stream answers (reports TTFT and inter-token latency)")
+    t.add_argument("--warmup", type=int, default=0, help="unmeasured requests before the first level")
+    t.add_argument("--prompt", action="append", help="question for turn k (repeat; cycles). Default: 4 generic ones")
+    t.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
+    t.add_argument("--retries", type=int, default=0, help="client retries (default 0: errors are counted)")
+    t.add_argument("--max-inflight", type=int, default=256, help="open loop: at most this many sessions at once")
+    t.add_argument("--metrics-url", help="Triton metrics HOST:PORT or URL (default: same host as --url, port 8002)")
+    t.add_argument("--no-metrics", action="store_true", help="do not scrape server metrics")
+    t.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    t.add_argument("--out", required=True, help="report JSON path (the CSV goes next to it)")
+    t.add_argument("--plot", help="PNG with latency and throughput vs level (needs matplotlib)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _media(t)
+    t.set_defaults(func=cmd_loadtest)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VideoChatError as e:
+        return _report(e)
+    except OSError as e:
+        print(f"videochat: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("videochat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

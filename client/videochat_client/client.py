@@ -1,0 +1,211 @@
+"""Synchronous client: `VideoChatClient`.
+
+Every call goes over Triton's bidirectional `ModelStreamInfer` RPC (the only RPC a decoupled model answers;
+it serves non-decoupled models too), with `enable_empty_final_response=True` so the end of an answer is the
+response whose `triton_final_response` parameter is true. tritonclient allows one stream per client object,
+so concurrent calls take a tritonclient client from a small pool (gRPC shares the TCP connection between
+channels with the same target and arguments)."""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import grpc
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
+from .protocol import (CHANNEL_ARGS, MODEL_NAME, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
+                       load_media, parse_chunk)
+from .retry import RetryPolicy
+from .types import Chunk
+
+# Extra wait beyond the gRPC deadline before the client gives up on a silent stream itself.
+_DEADLINE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Connection settings shared by the sync and asyncio clients."""
+
+    url: str = "localhost:8001"
+    timeout: Optional[float] = 600.0          # per attempt, seconds; None = no deadline
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    ssl: bool = False
+    root_certificates: Optional[str] = None   # PEM file paths, as tritonclient takes them
+    private_key: Optional[str] = None
+    certificate_chain: Optional[str] = None
+    headers: Tuple[Tuple[str, str], ...] = ()
+    model_name: str = MODEL_NAME
+
+    def tritonclient_kwargs(self) -> dict:
+        return dict(url=self.url, ssl=self.ssl, root_certificates=self.root_certificates,
+                    private_key=self.private_key, certificate_chain=self.certificate_chain,
+                    channel_args=list(CHANNEL_ARGS))
+
+    def merged_headers(self, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+        h = dict(self.headers)
+        h.update(extra or {})
+        return h
+
+
+def make_config(url: str, *, timeout, max_retries, retry_policy, ssl, root_certificates, private_key,
+                certificate_chain, headers, model_name) -> ClientConfig:
+    if retry_policy is not None and max_retries is not None:
+        raise ValueError("give max_retries or retry_policy, not both")
+    policy = retry_policy or RetryPolicy(max_retries=2 if max_retries is None else max_retries)
+    return ClientConfig(url=url, timeout=timeout, retry=policy, ssl=ssl, root_certificates=root_certificates,
+                        private_key=private_key, certificate_chain=certificate_chain,
+                        headers=tuple((headers or {}).items()), model_name=model_name)
+
+
+class VideoChatClient:
+    """Context-managed sync client for the `videochat` ensemble.
+
+    >>> with VideoChatClient("localhost:8001", timeout=120) as client:
+    ...     conv = client.conversation(video="clip.mp4")
+    ...     print(conv.ask("What happens?").text)
+    """
+
+    def __init__(self, url: str = "localhost:8001", *, timeout: Optional[float] = 600.0,
+                 max_retries: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
+                 ssl: bool = False, root_certificates: Optional[str] = None, private_key: Optional[str] = None,
+                 certificate_chain: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
+                 model_name: str = MODEL_NAME):
+        self.config = make_config(url, timeout=timeout, max_retries=max_retries,
+                                  retry_policy=retry_policy, ssl=ssl, root_certificates=root_certificates,
+                                  private_key=private_key, certificate_chain=certificate_chain,
+                                  headers=headers, model_name=model_name)
+        self._idle: List[tc.InferenceServerClient] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sleep = time.sleep   # tests replace it
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> "VideoChatClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    def _acquire(self) -> tc.InferenceServerClient:
+        with self._lock:
+            if self._closed:
+                raise VideoChatError("client is closed", code="CANCELLED")
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return tc.InferenceServerClient(**self.config.tritonclient_kwargs())
+        except (InferenceServerException, grpc.RpcError, OSError) as e:
+            raise to_error(e) from e
+
+    def _release(self, c: tc.InferenceServerClient) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(c)
+                return
+        c.close()
+
+    # -- conversations ---------------------------------------------------------------------------------
+    def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = 8, hd_num: int = 6,
+                     padding: bool = False, msg: str = "", instruction: Optional[str] = None,
+                     history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None):
+        """A multi-turn conversation about one video (or image). `history` continues an earlier one."""
+        from .conversation import Conversation
+        media = MediaOptions(image=image, num_segments=num_segments, hd_num=hd_num, padding=padding,
+                             msg=msg, instruction=instruction)
+        return Conversation(self, video=video, media=media, history=history, session_id=session_id)
+
+    # -- the one RPC -----------------------------------------------------------------------------------
+    def generate(self, *, video: VideoLike, prompt: str, history: Sequence[Tuple[str, str]] = (),
+                 media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
+                 timeout=NOT_GIVEN, max_retries: Optional[int] = None, request_id: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None) -> Iterator[Chunk]:
+        """Low-level: stream the responses of one turn as `Chunk`s (the last has `final=True`).
+        Retries retryable errors with backoff, but only until the first response arrived."""
+        inputs = build_inputs(video=load_media(video), prompt=prompt, history=history, media=media, gen=gen)
+        rid = request_id or uuid.uuid4().hex
+        deadline = self.config.timeout if timeout is NOT_GIVEN else timeout
+        retries = self.config.retry.max_retries if max_retries is None else max_retries
+        hdrs = self.config.merged_headers(headers)
+        for attempt in itertools.count():
+            started = False
+            try:
+                for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs):
+                    started = True
+                    yield chunk
+                return
+            except VideoChatError as err:
+                if started or attempt >= retries or not is_retryable(err):
+                    raise
+                self._sleep(self.config.retry.backoff(attempt))
+
+    def _attempt(self, inputs, *, request_id: str, timeout: Optional[float], headers: Dict[str, str]
+                 ) -> Iterator[Chunk]:
+        responses: "queue.Queue" = queue.Queue()
+        client = self._acquire()
+        finished = False
+        try:
+            try:
+                client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                                    stream_timeout=timeout, headers=headers or None)
+                client.async_stream_infer(self.config.model_name, inputs, request_id=request_id,
+                                          enable_empty_final_response=True)
+            except (InferenceServerException, grpc.RpcError) as e:
+                # A stream that failed at once (e.g. connection refused) makes async_stream_infer say only
+                # "the error detail is reported through provided callback": report that detail instead.
+                try:
+                    _, real = responses.get(timeout=1.0)
+                except queue.Empty:
+                    real = None
+                raise to_error(real or e, request_id=request_id) from e
+            limit = None if timeout is None else time.monotonic() + timeout + _DEADLINE_GRACE_S
+            while True:
+                wait = None if limit is None else max(0.0, limit - time.monotonic())
+                try:
+                    result, error = responses.get(timeout=wait)
+                except queue.Empty:
+                    raise DeadlineExceeded(f"no response within {timeout} s", request_id=request_id) from None
+                if error is not None:
+                    raise to_error(error, request_id=request_id)
+                chunk = parse_chunk(result)
+                if chunk.final:
+                    finished = True
+                yield chunk
+                if chunk.final:
+                    return
+        finally:
+            try:
+                # Graceful close after the final response; cancel if the caller stopped early or it failed.
+                client.stop_stream(cancel_requests=not finished)
+            except Exception:  # noqa: BLE001 - closing must not mask the real error
+                pass
+            self._release(client)
+
+    # -- health ----------------------------------------------------------------------------------------
+    def health(self, *, timeout: Optional[float] = 10.0) -> Dict[str, bool]:
+        """{"live", "ready", "model_ready"}; raises Unavailable when the server cannot be reached."""
+        client = self._acquire()
+        try:
+            hdrs = self.config.merged_headers(None) or None
+            return {
+                "live": client.is_server_live(headers=hdrs, client_timeout=timeout),
+                "ready": client.is_server_ready(headers=hdrs, client_timeout=timeout),
+                "model_ready": client.is_model_ready(self.config.model_name, headers=hdrs, client_timeout=timeout),
+            }
+        except (InferenceServerException, grpc.RpcError) as e:
+            raise to_error(e) from e
+        finally:
+            self._release(client)

@@ -1,0 +1,151 @@
+"""Conversations: one video, many turns. The server is stateless, so every turn sends the video, the question
+and the history (docs/interfaces.md); the history is a value (tuple of (question, answer)) that only grows
+when a turn completed, and it round-trips through JSON so a conversation can continue elsewhere."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+from .errors import InvalidArgument
+from .protocol import NOT_GIVEN, AnswerBuilder, GenerationOptions, History, MediaOptions, VideoLike, load_media
+from .types import Answer, Chunk
+
+JSON_VERSION = 1
+SESSION_HEADER = "x-session-id"   # lets a load balancer keep a conversation on one replica (sticky hashing)
+
+
+def _as_history(history: Sequence[Sequence[str]]) -> History:
+    out = []
+    for turn in history:
+        if len(turn) != 2 or not all(isinstance(x, str) for x in turn):
+            raise InvalidArgument(f"history entries must be (question, answer) strings, got {turn!r}")
+        out.append((turn[0], turn[1]))
+    return tuple(out)
+
+
+class ConversationBase:
+    """State shared by `Conversation` (sync) and `AsyncConversation`: media, history, session id, JSON."""
+
+    def __init__(self, client, *, video: VideoLike, media: MediaOptions = MediaOptions(),
+                 history: Sequence[Sequence[str]] = (), session_id: Optional[str] = None):
+        self._client = client
+        self.video_path: Optional[str] = None if isinstance(video, (bytes, bytearray, memoryview)) \
+            else os.fspath(video)
+        self._video = load_media(video)
+        self.media = media
+        self._history: History = _as_history(history)
+        self.session_id = session_id or uuid.uuid4().hex
+        self.last_answer: Optional[Answer] = None
+
+    @property
+    def history(self) -> History:
+        return self._history
+
+    def _record(self, answer: Answer) -> None:
+        self._history = self._history + ((answer.prompt, answer.text),)
+        self.last_answer = answer
+
+    def _request(self, question: str, gen_kwargs: Dict[str, Any], timeout) -> Dict[str, Any]:
+        kw: Dict[str, Any] = dict(video=self._video, prompt=question, history=self._history, media=self.media,
+                                  gen=GenerationOptions(**gen_kwargs), headers={SESSION_HEADER: self.session_id},
+                                  request_id=uuid.uuid4().hex)
+        if timeout is not NOT_GIVEN:
+            kw["timeout"] = timeout
+        return kw
+
+    # -- JSON ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything but the video bytes (the file path is kept when the conversation was made from one)."""
+        return {"version": JSON_VERSION, "session_id": self.session_id, "video": self.video_path,
+                "media": asdict(self.media), "history": [list(t) for t in self._history]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, data: Union[str, bytes, Dict[str, Any]], client, *, video: Optional[VideoLike] = None):
+        """Continue a saved conversation with `client`; `video` overrides the saved path."""
+        d = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
+        if d.get("version") != JSON_VERSION:
+            raise InvalidArgument(f"unsupported conversation JSON version {d.get('version')!r}")
+        src = video if video is not None else d.get("video")
+        if src is None:
+            raise InvalidArgument("the saved conversation has no video path; pass video=...")
+        return cls(client, video=src, media=MediaOptions(**d.get("media", {})), history=d.get("history", ()),
+                   session_id=d.get("session_id"))
+
+
+def _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed) -> Dict[str, Any]:
+    return dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+
+
+class AnswerStream:
+    """Iterator over the text pieces of one answer. When exhausted, `.answer` holds the typed Answer and the
+    turn is in the conversation's history. `close()` (or leaving a `with` block early) cancels the call."""
+
+    def __init__(self, chunks: Callable[[], Iterator[Chunk]], *, prompt: str, request_id: str,
+                 on_done: Callable[[Answer], None]):
+        self._make_chunks = chunks
+        self._prompt = prompt
+        self.request_id = request_id
+        self._on_done = on_done
+        self._chunks: Optional[Iterator[Chunk]] = None
+        self._pieces = self._run()
+        self.answer: Optional[Answer] = None
+
+    def _run(self) -> Iterator[str]:
+        builder = AnswerBuilder(prompt=self._prompt, request_id=self.request_id)
+        self._chunks = self._make_chunks()
+        for chunk in self._chunks:
+            builder.add(chunk)
+            if chunk.text:
+                yield chunk.text
+        self.answer = builder.finish()
+        self._on_done(self.answer)
+
+    def __iter__(self) -> "AnswerStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        if self._chunks is not None and hasattr(self._chunks, "close"):
+            self._chunks.close()
+
+    def __enter__(self) -> "AnswerStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Conversation(ConversationBase):
+    """Sync conversation; made by `VideoChatClient.conversation(...)` or `Conversation.from_json(...)`."""
+
+    def ask(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+            temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+            repetition_penalty: Optional[float] = None, seed: Optional[int] = None, timeout=NOT_GIVEN) -> Answer:
+        """One turn; returns the whole Answer and appends (question, answer.text) to the history."""
+        stream = self.ask_stream(question, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature, top_p=top_p, top_k=top_k,
+                                 repetition_penalty=repetition_penalty, seed=seed, timeout=timeout)
+        for _ in stream:
+            pass
+        assert stream.answer is not None
+        return stream.answer
+
+    def ask_stream(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+                   temperature: Optional[float] = None, top_p: Optional[float] = None,
+                   top_k: Optional[int] = None, repetition_penalty: Optional[float] = None,
+                   seed: Optional[int] = None, timeout=NOT_GIVEN) -> AnswerStream:
+        """One turn, streamed: iterate for text pieces; the history is updated once the stream is exhausted."""
+        kw = self._request(question, _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k,
+                                                 repetition_penalty, seed), timeout)
+        return AnswerStream(lambda: self._client.generate(**kw), prompt=question, request_id=kw["request_id"],
+                            on_done=self._record)

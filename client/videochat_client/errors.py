@@ -1,0 +1,137 @@
+"""The exception tree and the ONE place where transport errors become it (`to_error`).
+
+    VideoChatError            .code = gRPC status name ("INVALID_ARGUMENT", ...), .message = server's text
+    ├── InvalidArgument       INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION; also bad local input
+    ├── Unavailable           UNAVAILABLE; NOT_FOUND "Request for unknown model" (draining replica / model not loaded)
+    ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired)
+    ├── Cancelled             CANCELLED
+    └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
+
+Why message classification exists: Triton drops the status code of an error that arrives *inside* a gRPC
+stream (`ModelStreamInferResponse.error_message` is a bare string; measured with 2.51: a model's
+`TritonError(..., INVALID_ARG)` reaches a unary caller as INVALID_ARGUMENT but a stream caller as a message
+only). For those we recover the code from the message (`classify_message`); errors of the RPC itself keep
+their real status.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import grpc
+from tritonclient.utils import InferenceServerException
+
+
+class VideoChatError(Exception):
+    """Base class. `code` is the gRPC status name, `message` the server's (or client's) text."""
+
+    default_code = "UNKNOWN"
+
+    def __init__(self, message: str, *, code: Optional[str] = None, request_id: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidArgument(VideoChatError):
+    default_code = "INVALID_ARGUMENT"
+
+
+class Unavailable(VideoChatError):
+    default_code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(VideoChatError):
+    default_code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(VideoChatError):
+    default_code = "CANCELLED"
+
+
+class ServerError(VideoChatError):
+    default_code = "INTERNAL"
+
+
+_CLASS_BY_CODE = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "OUT_OF_RANGE": InvalidArgument,
+    "FAILED_PRECONDITION": InvalidArgument,
+    "UNAVAILABLE": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "CANCELLED": Cancelled,
+}
+
+# NOT_FOUND with these words means "this replica has no such model (right now)": a replica that is draining
+# after SIGTERM answers exactly this, so it is retryable and, if it persists, the service is unavailable.
+_MODEL_MISSING = re.compile(r"Request for unknown model|has no available versions")
+
+# Ordered (pattern, code) rules for stream errors that arrive without a status. The first match wins.
+_MESSAGE_RULES = (
+    # Python backend crashes / raises: a server bug, never the caller's fault.
+    (re.compile(r"Stub process .* is not healthy|Failed to process the request|\nAt:\n|Traceback|"
+                r"preprocessing failed|internal error", re.I), "INTERNAL"),
+    (_MODEL_MISSING, "NOT_FOUND"),
+    (re.compile(r"Server exiting|failed to connect|Connection refused"), "UNAVAILABLE"),
+    (re.compile(r"\bcancell?ed\b", re.I), "CANCELLED"),
+    (re.compile(r"deadline|timed? ?out", re.I), "DEADLINE_EXCEEDED"),
+    # An explicit code name in the message (a server may prefix its user errors with it).
+    (re.compile(r"INVALID_ARG(UMENT)?\b|invalid argument", re.I), "INVALID_ARGUMENT"),
+    # Triton core request validation and our preprocessing/validation wording.
+    (re.compile(r"unexpected (shape|inference input|datatype|number of)|expected \d+ inputs?|"
+                r"input byte size|invalid|unsupported|(cannot|could not|failed to) decode|corrupt|truncated|"
+                r"not a recogni[sz]able|no video stream|no (valid )?frames?|not a video|missing input|"
+                r"\bempty\b|must (be|hold)|not valid|out of range|at most|longer than|"
+                r"too (large|long|many|big)|exceeds", re.I), "INVALID_ARGUMENT"),
+)
+
+
+def classify_message(message: str) -> str:
+    """The gRPC status name a status-less (in-stream) error message most likely had."""
+    for pattern, code in _MESSAGE_RULES:
+        if pattern.search(message):
+            return code
+    return "UNKNOWN"
+
+
+def _status_name(status: Optional[str]) -> Optional[str]:
+    # tritonclient keeps `str(grpc.StatusCode.X)` == "StatusCode.X"; None inside streams.
+    if not status:
+        return None
+    return status.rsplit(".", 1)[-1].upper()
+
+
+def error_from_code(code: str, message: str, *, request_id: Optional[str] = None) -> VideoChatError:
+    if code == "NOT_FOUND" and _MODEL_MISSING.search(message):
+        return Unavailable(message, code="NOT_FOUND", request_id=request_id)
+    cls = _CLASS_BY_CODE.get(code, ServerError)
+    return cls(message, code=code, request_id=request_id)
+
+
+def to_error(exc: BaseException, *, request_id: Optional[str] = None) -> VideoChatError:
+    """Convert any transport exception (grpc.RpcError incl. aio, InferenceServerException) to our tree."""
+    if isinstance(exc, VideoChatError):
+        return exc
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code = exc.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else _status_name(str(code)) or "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return error_from_code(name, details or "", request_id=request_id)
+    if isinstance(exc, InferenceServerException):
+        message = exc.message() or ""
+        name = _status_name(exc.status()) or classify_message(message)
+        return error_from_code(name, message, request_id=request_id)
+    return ServerError(f"{type(exc).__name__}: {exc}", code="UNKNOWN", request_id=request_id)
+
+
+def is_retryable(err: VideoChatError) -> bool:
+    """Safe to resend the same request: nothing reached a model, or a replica is going away.
+
+    Only called before any token was received (the caller enforces that)."""
+    if err.code == "UNAVAILABLE":
+        return True
+    return err.code == "NOT_FOUND" and bool(_MODEL_MISSING.search(err.message))

@@ -1,0 +1,420 @@
+"""`videochat loadtest`: closed-loop concurrency sweeps and open-loop (Poisson) rate sweeps of multi-turn
+sessions against the `videochat` ensemble, with a server-side view from Triton's Prometheus metrics.
+
+A *session* is one conversation about one of the given videos (round robin) with `turns` questions; each turn
+is one request (the whole video + history travel every turn: the server is stateless). A failed turn ends
+its session (later turns would need its answer).
+
+* closed loop, `concurrency=C`: C workers each run sessions back to back;
+* open loop, `rate=R` (requests/s): sessions start as a Poisson process of rate R/turns, so the offered
+  request rate is R; at most `max_inflight` sessions run at once (arrivals beyond wait, and are counted).
+
+Metric names follow genai-perf/vLLM bench (request_throughput -> `requests_per_second`,
+output_token_throughput -> `output_tokens_per_second`, request_latency -> `latency_ms`,
+time_to_first_token -> `time_to_first_token_ms`, inter_token_latency -> `inter_token_latency_ms`).
+Throughputs count successful requests over the level's wall time (first send to last completion)."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from . import __version__
+from .aio import AsyncVideoChatClient
+from .errors import VideoChatError
+from .metrics import server_view, try_scrape
+from .protocol import MediaOptions, load_media
+from .retry import RetryPolicy
+
+# Hard caps: a typo must not start an hour-long or unbounded run.
+MAX_REQUESTS = 100_000
+MAX_DURATION_S = 3600.0
+MAX_CONCURRENCY = 1024
+MAX_RATE = 10_000.0
+MAX_LEVELS = 32
+MAX_TURNS = 64
+MAX_INFLIGHT = 1024
+
+DEFAULT_PROMPTS = (
+    "Describe the video in detail.",
+    "What is happening in the video?",
+    "What objects can you see?",
+    "Summarize the video in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    videos: Sequence[str]
+    concurrency: Sequence[int] = ()
+    rate: Sequence[float] = ()
+    requests: Optional[int] = None            # per level; default 32 unless duration is given
+    duration: Optional[float] = None          # seconds per level (issue no new request after it)
+    turns: int = 1
+    max_new_tokens: int = 64
+    stream: bool = False
+    warmup: int = 0
+    prompts: Sequence[str] = DEFAULT_PROMPTS
+    media: MediaOptions = MediaOptions()
+    timeout: float = 300.0                    # per request
+    retries: int = 0                          # a load tool measures; it does not hide errors
+    max_inflight: int = 256
+    level_timeout: float = 600.0              # hard cap per level for request-count mode
+    metrics_url: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if bool(self.concurrency) == bool(self.rate):
+            raise ValueError("give exactly one of --concurrency or --rate")
+        levels = list(self.concurrency) + list(self.rate)
+        if len(levels) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} levels, got {len(levels)}")
+        if any(not 1 <= c <= MAX_CONCURRENCY for c in self.concurrency):
+            raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}]")
+        if any(not (0 < r <= MAX_RATE) or not math.isfinite(r) for r in self.rate):
+            raise ValueError(f"rate must be in (0, {MAX_RATE}]")
+        if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
+            raise ValueError(f"requests must be in [1, {MAX_REQUESTS}]")
+        if self.duration is not None and not 0 < self.duration <= MAX_DURATION_S:
+            raise ValueError(f"duration must be in (0, {MAX_DURATION_S}] seconds")
+        if not 1 <= self.turns <= MAX_TURNS:
+            raise ValueError(f"turns must be in [1, {MAX_TURNS}]")
+        if not 1 <= self.max_inflight <= MAX_INFLIGHT:
+            raise ValueError(f"max_inflight must be in [1, {MAX_INFLIGHT}]")
+        if not 0 <= self.warmup <= 1000:
+            raise ValueError("warmup must be in [0, 1000]")
+        if not self.videos:
+            raise ValueError("give at least one --video")
+        if not self.prompts:
+            raise ValueError("give at least one prompt")
+
+
+@dataclass
+class Record:
+    start: float                       # seconds since the level started
+    end: float
+    turn: int
+    error: Optional[str] = None        # gRPC status name
+    error_message: str = ""
+    latency_ms: Optional[float] = None
+    ttft_ms: Optional[float] = None
+    itl_ms: Optional[float] = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass
+class _Budget:
+    """Request slots of one level: a count and a wall-clock limit. `take()` claims one slot."""
+
+    remaining: int
+    stop_at: float
+    issued: int = 0
+
+    def take(self) -> bool:
+        if self.remaining <= 0 or time.perf_counter() >= self.stop_at:
+            return False
+        self.remaining -= 1
+        self.issued += 1
+        return True
+
+
+class _Progress:
+    """One status line on stderr (carriage-return updates on a terminal, a final line otherwise)."""
+
+    def __init__(self, label: str, total: Optional[int], *, stream=sys.stderr):
+        self.label, self.total, self.stream = label, total, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.done = self.errors = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, ok: bool) -> None:
+        self.done += 1
+        self.errors += 0 if ok else 1
+        now = time.perf_counter()
+        if self.tty and now - self._last > 0.1:
+            self._last = now
+            self.stream.write("\r" + self._line())
+            self.stream.flush()
+
+    def _line(self) -> str:
+        el = time.perf_counter() - self.t0
+        if self.total:
+            width = 24
+            filled = int(width * min(1.0, self.done / self.total))
+            bar = "#" * filled + "." * (width - filled)
+            return f"{self.label} [{bar}] {self.done}/{self.total} errors {self.errors} {el:6.1f}s"
+        return f"{self.label} {self.done} requests, errors {self.errors} {el:6.1f}s"
+
+    def close(self) -> None:
+        self.stream.write(("\r" if self.tty else "") + self._line() + "\n")
+        self.stream.flush()
+
+
+class _Runner:
+    def __init__(self, cfg: LoadConfig, client: AsyncVideoChatClient, videos: List[bytes]):
+        self.cfg, self.client, self.videos = cfg, client, videos
+        self._next_video = 0
+        self.rng = random.Random(cfg.seed)
+
+    def _video(self) -> bytes:
+        v = self.videos[self._next_video % len(self.videos)]
+        self._next_video += 1
+        return v
+
+    async def session(self, budget: _Budget, records: List[Record], t0: float, progress: Optional[_Progress]):
+        conv = self.client.conversation(self._video(), **asdict(self.cfg.media))
+        for turn in range(self.cfg.turns):
+            if not budget.take():
+                return
+            question = self.cfg.prompts[turn % len(self.cfg.prompts)]
+            start = time.perf_counter()
+            rec = Record(start=start - t0, end=0.0, turn=turn)
+            try:
+                if self.cfg.stream:
+                    stream = conv.ask_stream(question, max_new_tokens=self.cfg.max_new_tokens)
+                    async for _ in stream:
+                        pass
+                    answer = stream.answer
+                else:
+                    answer = await conv.ask(question, max_new_tokens=self.cfg.max_new_tokens)
+                rec.latency_ms = answer.timings.latency_ms
+                rec.ttft_ms = answer.timings.time_to_first_token_ms
+                rec.itl_ms = answer.timings.inter_token_latency_ms
+                rec.prompt_tokens = answer.usage.prompt_tokens
+                rec.output_tokens = answer.usage.completion_tokens
+            except VideoChatError as e:
+                rec.error, rec.error_message = e.code, e.message
+            rec.end = time.perf_counter() - t0
+            records.append(rec)
+            if progress:
+                progress.update(rec.error is None)
+            if rec.error is not None:
+                return
+
+    async def closed_loop(self, concurrency: int, budget: _Budget, progress: Optional[_Progress]):
+        records: List[Record] = []
+        t0 = time.perf_counter()
+
+        async def worker():
+            while budget.remaining > 0 and time.perf_counter() < budget.stop_at:
+                await self.session(budget, records, t0, progress)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return records, {}
+
+    async def open_loop(self, rate: float, budget: _Budget, progress: Optional[_Progress]):
+        records: List[Record] = []
+        t0 = time.perf_counter()
+        slots = asyncio.Semaphore(self.cfg.max_inflight)
+        waited = 0
+        tasks = []
+        session_rate = rate / self.cfg.turns
+        next_at = t0
+
+        async def run():
+            try:
+                await self.session(budget, records, t0, progress)
+            finally:
+                slots.release()
+
+        while budget.remaining > 0:
+            next_at += self.rng.expovariate(session_rate)
+            delay = next_at - time.perf_counter()
+            if next_at >= budget.stop_at:
+                break
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if slots.locked():
+                waited += 1
+            await slots.acquire()
+            tasks.append(asyncio.ensure_future(run()))
+            # Do not start sessions whose first turn cannot claim a slot.
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return records, {"arrivals_delayed_by_max_inflight": waited}
+
+
+def _stats(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
+            "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "std": float(a.std())}
+
+
+def summarize(records: Sequence[Record]) -> Dict[str, object]:
+    ok = [r for r in records if r.error is None]
+    errors: Dict[str, int] = {}
+    examples: Dict[str, str] = {}
+    for r in records:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+            examples.setdefault(r.error, r.error_message[:300])
+    if records:
+        wall = max(r.end for r in records) - min(r.start for r in records)
+    else:
+        wall = 0.0
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(records),
+        "successful_requests": len(ok),
+        "failed_requests": len(records) - len(ok),
+        "duration_s": wall,
+        "requests_per_second": len(ok) / wall if wall > 0 else 0.0,
+        "output_tokens_per_second": out_tokens / wall if wall > 0 else 0.0,
+        "output_tokens": out_tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "latency_ms": _stats([r.latency_ms for r in ok if r.latency_ms is not None]),
+        "time_to_first_token_ms": _stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        "inter_token_latency_ms": _stats([r.itl_ms for r in ok if r.itl_ms is not None]),
+        "output_tokens_per_request": _stats([r.output_tokens for r in ok]),
+        "errors": errors,
+        "error_examples": examples,
+    }
+
+
+def default_metrics_url(grpc_url: str) -> str:
+    host = urlsplit("//" + grpc_url).hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:8002/metrics"
+
+
+async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[str, object]:
+    cfg.validate()
+    videos = [load_media(v) for v in cfg.videos]
+    n_requests = cfg.requests if cfg.requests is not None else (MAX_REQUESTS if cfg.duration else 32)
+    per_level_s = cfg.duration if cfg.duration is not None else cfg.level_timeout
+    levels: List[Dict[str, object]] = []
+    client = AsyncVideoChatClient(cfg.url, timeout=cfg.timeout,
+                                  retry_policy=RetryPolicy(max_retries=cfg.retries, initial_backoff=0.1))
+    async with client:
+        runner = _Runner(cfg, client, videos)
+        if cfg.warmup:
+            budget = _Budget(cfg.warmup, time.perf_counter() + per_level_s)
+            width = min(cfg.warmup, max(cfg.concurrency or [1]))
+            p = _Progress("warmup", cfg.warmup, stream=progress_stream) if progress_stream else None
+            await runner.closed_loop(width, budget, p)
+            if p:
+                p.close()
+        sweep = [("concurrency", c) for c in cfg.concurrency] + [("rate", r) for r in cfg.rate]
+        for kind, value in sweep:
+            before, scrape_error = try_scrape(cfg.metrics_url)
+            budget = _Budget(n_requests, time.perf_counter() + per_level_s)
+            total = n_requests if cfg.requests is not None or not cfg.duration else None
+            p = _Progress(f"{kind}={value}", total, stream=progress_stream) if progress_stream else None
+            if kind == "concurrency":
+                records, extra = await runner.closed_loop(int(value), budget, p)
+            else:
+                records, extra = await runner.open_loop(float(value), budget, p)
+            if p:
+                p.close()
+            after, err2 = try_scrape(cfg.metrics_url)
+            level: Dict[str, object] = {kind: value, "mode": "closed" if kind == "concurrency" else "open"}
+            level.update(summarize(records))
+            level.update(extra)
+            if before is not None and after is not None:
+                level["server"] = server_view(before, after)
+            elif cfg.metrics_url:
+                level["server"] = {"error": scrape_error or err2}
+            levels.append(level)
+    return {
+        "tool": "videochat loadtest",
+        "client_version": __version__,
+        "started_unix": time.time(),
+        "config": {
+            "url": cfg.url, "videos": list(cfg.videos), "turns": cfg.turns, "max_new_tokens": cfg.max_new_tokens,
+            "stream": cfg.stream, "warmup": cfg.warmup, "requests_per_level": cfg.requests,
+            "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
+            "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
+            "max_inflight": cfg.max_inflight, "seed": cfg.seed,
+        },
+        "levels": levels,
+    }
+
+
+# -- outputs ----------------------------------------------------------------------------------------------
+CSV_FIELDS = ("mode", "concurrency", "rate", "requests", "successful_requests", "failed_requests", "duration_s",
+              "requests_per_second", "output_tokens_per_second", "latency_ms_p50", "latency_ms_p90",
+              "latency_ms_p99", "latency_ms_mean", "time_to_first_token_ms_p50", "time_to_first_token_ms_p99",
+              "inter_token_latency_ms_p50", "inter_token_latency_ms_p99", "errors")
+
+
+def csv_rows(report: Dict[str, object]) -> List[Dict[str, object]]:
+    rows = []
+    for lv in report["levels"]:
+        row = {k: lv.get(k, "") for k in CSV_FIELDS}
+        for metric in ("latency_ms", "time_to_first_token_ms", "inter_token_latency_ms"):
+            st = lv.get(metric) or {}
+            for q in ("p50", "p90", "p99", "mean"):
+                key = f"{metric}_{q}"
+                if key in CSV_FIELDS:
+                    row[key] = "" if st.get(q) is None else round(st[q], 3)
+        row["errors"] = ";".join(f"{k}={v}" for k, v in sorted(lv["errors"].items()))
+        rows.append(row)
+    return rows
+
+
+def write_outputs(report: Dict[str, object], out: str, *, plot: Optional[str] = None) -> Dict[str, str]:
+    paths = {"json": out}
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    csv_path = os.path.splitext(out)[0] + ".csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(csv_rows(report))
+    paths["csv"] = csv_path
+    if plot:
+        plot_report(report, plot)
+        paths["plot"] = plot
+    return paths
+
+
+def plot_report(report: Dict[str, object], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'videochat-client[plot]' (or pip install matplotlib)")
+    levels = report["levels"]
+    kind = "concurrency" if levels and "concurrency" in levels[0] else "rate"
+    xs = [lv[kind] for lv in levels]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+        ax1.plot(xs, [(lv["latency_ms"] or {}).get(q, float("nan")) for lv in levels], style, label=f"latency {q}")
+    if any(lv.get("time_to_first_token_ms") for lv in levels):
+        ax1.plot(xs, [(lv["time_to_first_token_ms"] or {}).get("p50", float("nan")) for lv in levels], "x-",
+                 label="TTFT p50")
+    ax1.set_xlabel(kind if kind == "concurrency" else "offered rate (req/s)")
+    ax1.set_ylabel("ms")
+    ax1.set_title("latency")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(xs, [lv["requests_per_second"] for lv in levels], "o-", color="C0", label="requests/s")
+    ax2.set_xlabel(ax1.get_xlabel())
+    ax2.set_ylabel("requests/s", color="C0")
+    ax3 = ax2.twinx()
+    ax3.plot(xs, [lv["output_tokens_per_second"] for lv in levels], "s--", color="C1", label="output tokens/s")
+    ax3.set_ylabel("output tokens/s", color="C1")
+    ax2.set_title("throughput")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"videochat loadtest  {report['config']['url']}  turns={report['config']['turns']} "
+                 f"max_new_tokens={report['config']['max_new_tokens']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,209 @@
+"""Wire format of the `videochat` ensemble (docs/interfaces.md), shared by the sync and asyncio clients:
+request tensors from typed options, responses to `Chunk`s, chunks to one `Answer`.
+
+Every tensor carries the leading batch dimension of 1 (the ensemble has max_batch_size > 0):
+BYTES/BOOL/INT/FP scalars are [1, 1]."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferResult
+
+from .errors import InvalidArgument, ServerError
+from .types import Answer, Chunk, Timings, Usage
+
+MODEL_NAME = "videochat"
+NOT_GIVEN: Any = object()   # "use the client's default" for per-call options such as timeout
+# gRPC's hard ceiling for one message is 2 GiB - 1; keep headroom for the other tensors and framing.
+MAX_VIDEO_BYTES = 2**31 - 1 - 16 * 2**20
+# tritonclient's default already is the ceiling, but we set it explicitly: large videos must upload.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+]
+
+History = Tuple[Tuple[str, str], ...]
+VideoLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """How the server samples the media (defaults = the model card)."""
+
+    image: bool = False
+    num_segments: int = 8
+    hd_num: int = 6
+    padding: bool = False
+    msg: str = ""
+    instruction: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling knobs; None = server default (docs/interfaces.md). Greedy unless do_sample."""
+
+    max_new_tokens: int = 200
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        # Only type/sanity checks; the server owns the limits and says so with INVALID_ARGUMENT.
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise InvalidArgument(f"{name} must be a finite number, got {v!r}")
+
+
+def load_media(video: VideoLike) -> bytes:
+    """File path or bytes -> bytes. A missing/unreadable/oversized file is InvalidArgument (caller's input)."""
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        data = bytes(video)
+    else:
+        try:
+            with open(os.fspath(video), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read video file {os.fspath(video)!r}: {e.strerror}", code="INVALID_ARGUMENT")
+    if len(data) > MAX_VIDEO_BYTES:
+        raise InvalidArgument(f"video is {len(data)} bytes; one gRPC message holds at most {MAX_VIDEO_BYTES}")
+    return data
+
+
+def _tensor(name: str, value: np.ndarray, dtype: str) -> InferInput:
+    t = InferInput(name, list(value.shape), dtype)
+    t.set_data_from_numpy(value)
+    return t
+
+
+def _bytes(name: str, value: Union[str, bytes]) -> InferInput:
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return _tensor(name, np.array([[raw]], dtype=np.object_), "BYTES")
+
+
+def build_inputs(*, video: bytes, prompt: str, history: Sequence[Tuple[str, str]] = (),
+                 media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions()
+                 ) -> List[InferInput]:
+    """The request tensors for one turn. Optional inputs left at None are not sent (server default)."""
+    if not isinstance(prompt, str):
+        raise InvalidArgument(f"question must be a str, got {type(prompt).__name__}")
+    inputs = [_bytes("video", video), _bytes("prompt", prompt)]
+    if history:
+        inputs.append(_bytes("history", json.dumps([[q, a] for q, a in history], ensure_ascii=False)))
+    if media.msg:
+        inputs.append(_bytes("msg", media.msg))
+    if media.instruction is not None:
+        inputs.append(_bytes("instruction", media.instruction))
+    scalars = [
+        ("image", media.image, np.bool_, "BOOL"),
+        ("num_segments", media.num_segments, np.int32, "INT32"),
+        ("hd_num", media.hd_num, np.int32, "INT32"),
+        ("padding", media.padding, np.bool_, "BOOL"),
+        ("max_new_tokens", gen.max_new_tokens, np.int32, "INT32"),
+        ("do_sample", gen.do_sample, np.bool_, "BOOL"),
+        ("temperature", gen.temperature, np.float32, "FP32"),
+        ("top_p", gen.top_p, np.float32, "FP32"),
+        ("top_k", gen.top_k, np.int32, "INT32"),
+        ("repetition_penalty", gen.repetition_penalty, np.float32, "FP32"),
+        ("seed", gen.seed, np.int64, "INT64"),
+    ]
+    for name, value, np_dtype, dtype in scalars:
+        if value is not None:
+            inputs.append(_tensor(name, np.array([[value]], dtype=np_dtype), dtype))
+    return inputs
+
+
+def _first(result: InferResult, name: str):
+    arr = result.as_numpy(name)
+    if arr is None or arr.size == 0:
+        return None
+    return arr.reshape(-1)[0]
+
+
+def parse_chunk(result: InferResult) -> Chunk:
+    """One stream response -> Chunk; `final` from the `triton_final_response` parameter. (Callers that cannot
+    ask for the empty final response, i.e. tritonclient.grpc.aio, end at the end of the stream instead.)"""
+    text = _first(result, "text")
+    ids = result.as_numpy("token_ids")
+    prompt_tokens = _first(result, "prompt_tokens")
+    completion_tokens = _first(result, "completion_tokens")
+    finish = _first(result, "finish_reason")
+    finish_reason = finish.decode("utf-8") if isinstance(finish, bytes) else (finish or "")
+    params = result.get_response().parameters
+    final_param = params["triton_final_response"].bool_param if "triton_final_response" in params else None
+    # Without the parameter (an old server) the response that carries finish_reason is the last one.
+    final = bool(final_param) if final_param is not None else bool(finish_reason)
+    return Chunk(
+        text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else (text or ""),
+        token_ids=tuple(int(i) for i in ids.reshape(-1)) if ids is not None else (),
+        prompt_tokens=int(prompt_tokens) if prompt_tokens is not None else None,
+        completion_tokens=int(completion_tokens) if completion_tokens is not None else None,
+        finish_reason=finish_reason,
+        final=final,
+    )
+
+
+class AnswerBuilder:
+    """Accumulates the chunks of one call into an Answer, with client-side timings."""
+
+    def __init__(self, *, prompt: str = "", request_id: str = ""):
+        self.prompt = prompt
+        self.request_id = request_id
+        self.t0 = time.perf_counter()
+        self.t_first: Optional[float] = None
+        self.pieces: List[str] = []
+        self.token_ids: List[int] = []
+        self.prompt_tokens = 0
+        self.completion_tokens: Optional[int] = None
+        self.finish_reason = ""
+
+    @property
+    def started(self) -> bool:
+        """True once any response arrived (from then on a retry would duplicate output)."""
+        return self.t_first is not None or bool(self.pieces)
+
+    def add(self, chunk: Chunk) -> None:
+        if self.t_first is None and (chunk.text or chunk.token_ids):
+            self.t_first = time.perf_counter()
+        if chunk.text:
+            self.pieces.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        if chunk.prompt_tokens is not None:
+            self.prompt_tokens = chunk.prompt_tokens
+        if chunk.completion_tokens is not None:
+            self.completion_tokens = chunk.completion_tokens
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+
+    def finish(self) -> Answer:
+        if not self.finish_reason:
+            raise ServerError("stream ended without a finish_reason (incomplete answer)", request_id=self.request_id)
+        t_end = time.perf_counter()
+        completion = self.completion_tokens if self.completion_tokens is not None else len(self.token_ids)
+        latency = (t_end - self.t0) * 1e3
+        ttft = (self.t_first - self.t0) * 1e3 if self.t_first is not None else None
+        itl = (latency - ttft) / (completion - 1) if ttft is not None and completion > 1 else None
+        return Answer(
+            text="".join(self.pieces),
+            token_ids=tuple(self.token_ids),
+            usage=Usage(self.prompt_tokens, completion, self.prompt_tokens + completion),
+            timings=Timings(latency_ms=latency, time_to_first_token_ms=ttft, inter_token_latency_ms=itl),
+            finish_reason=self.finish_reason,
+            request_id=self.request_id,
+            prompt=self.prompt,
+        )
