@@ -126,15 +126,15 @@ class LoadItem:
     lora_b: str | None = None
 
 
-def plan_load(model: nn.Module, config: VideoChatConfig, index: dict[str, str]) -> list[LoadItem]:
-    """Match checkpoint keys to the model; raise `CheckpointError` listing every problem."""
+def plan_load(model: nn.Module, config: VideoChatConfig, shapes: dict[str, tuple[int, ...]]) -> list[LoadItem]:
+    """Match the stored keys (official key -> stored shape) to the model; raise `CheckpointError` listing
+    every missing, unexpected, mis-shaped or duplicated key."""
     expected = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
     lora = lora_targets(model, config)
-    shapes = _stored_shapes(index)
     base: dict[str, str] = {}
     factors: dict[str, dict[str, str]] = {}
     unexpected, duplicates = [], []
-    for key in sorted(index):
+    for key in sorted(shapes):
         if key in DROPPED:
             continue
         stem, part = key, None
@@ -180,12 +180,14 @@ def plan_load(model: nn.Module, config: VideoChatConfig, index: dict[str, str]) 
     return [LoadItem(t, base[t], factors.get(t, {}).get("A"), factors.get(t, {}).get("B")) for t in expected]
 
 
-def _stored_shapes(index: dict[str, str]) -> dict[str, tuple[int, ...]]:
+def stored_shapes(index: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape, read from the safetensors headers only."""
     shapes = {}
     for path in sorted(set(index.values())):
         with safe_open(path, framework="pt") as f:
             for k in f.keys():
-                shapes[k] = tuple(f.get_slice(k).get_shape())
+                if index.get(k) == path:
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
     missing_files = [k for k in index if k not in shapes]
     if missing_files:
         raise CheckpointError(f"index lists keys absent from their shard: {missing_files[:20]}")
@@ -197,7 +199,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | os.PathLike, config: Video
                     dtype: torch.dtype, device: torch.device | str) -> None:
     """Fill a (meta-device) model from `ckpt_dir` strictly; floating tensors become `dtype` on `device`."""
     index = checkpoint_index(ckpt_dir)
-    plan = plan_load(model, config, index)
+    plan = plan_load(model, config, stored_shapes(index))
     scaling = config.llm.lora_scaling
     for item in plan:
         t = read_tensor(index[item.base], item.base).to(device)
@@ -221,3 +223,13 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[attr] = tensor
     else:
         raise CheckpointError(f"model has no parameter or buffer {name}")
+
+
+def official_stored_dtype(key: str) -> torch.dtype:
+    """Stored dtype of an official key (spec §9): LLM base weights bf16, LoRA A/B and everything else float32,
+    the QFormer `position_ids` int64. Used by the memory benchmark to write a full-size synthetic checkpoint."""
+    if key.endswith("position_ids"):
+        return torch.int64
+    if key.startswith("lm.") and ".lora_" not in key:
+        return torch.bfloat16
+    return torch.float32
