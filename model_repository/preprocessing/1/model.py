@@ -1,0 +1,38 @@
+"""Triton adapter: video/image bytes + sampling options -> PIXEL_VALUES (fp16) + MEDIA_INFO + REQ_* fields.
+
+Logic lives in videochat/serving/preprocess.py; this file only converts tensors and errors.
+"""
+import triton_python_backend_utils as pb_utils
+
+from videochat.serving.preprocess import preprocess_request
+from videochat.serving.requests import RequestError
+from videochat.serving.settings import PreprocessSettings
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = PreprocessSettings.from_args(args)
+        self.logger = pb_utils.Logger
+        self.logger.log_info(f"preprocessing ready: {self.settings}")
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        def get(name):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        try:
+            arrays = preprocess_request(get, self.settings)
+        except RequestError as exc:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        except Exception as exc:  # noqa: BLE001 - a bug: INTERNAL for this request only, logged
+            self.logger.log_error(f"preprocessing failed: {type(exc).__name__}: {exc}")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}", pb_utils.TritonError.INTERNAL))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+
+    def finalize(self):
+        self.logger.log_info("preprocessing finalized")

@@ -1,0 +1,142 @@
+"""`python -m videochat serve`: one command from a checkpoint to a running Triton endpoint.
+
+    python -m videochat serve [--checkpoint DIR] [--device auto|cpu|cuda] [--host 127.0.0.1]
+        [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
+        [--decoupled-mode true|false] [--work-dir DIR]
+
+Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
+interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; start the
+server (loopback by default); wait until ready; print the endpoints; on SIGTERM or Ctrl-C forward SIGTERM, wait
+for the drain, remove our leftover /dev/shm regions. Without --checkpoint a tiny random demo checkpoint is
+created on first use. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from videochat.server.render import ENSEMBLE, RepoOptions, render_repository
+from videochat.server.triton import Endpoints, LaunchError, TritonServer, find_triton
+
+DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m videochat serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory (official layout); default: a demo checkpoint made on first use")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda if torch sees a GPU, else cpu (KIND_GPU without a GPU fails to load)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-batch-size", type=int, default=8, help="1 turns dynamic batching off")
+    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+                   help="how long the dynamic batcher waits for batch-mates")
+    p.add_argument("--instances", type=int, default=1, help="videochat_llm instances (per GPU with cuda)")
+    p.add_argument("--preprocess-instances", type=int, default=min(4, os.cpu_count() or 1),
+                   help="CPU video-decoding instances")
+    p.add_argument("--decoupled-mode", choices=("true", "false"), default="true",
+                   help="true: stream tokens (stream_infer); false: one response per request (plain ModelInfer)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_new_tokens accepted")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help=f"rendered repository, server copy, logs and demo checkpoint (default {DEFAULT_WORK_DIR})")
+    p.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful drain limit on SIGTERM")
+    p.add_argument("--render-only", action="store_true", help="render the repository, print its path, exit")
+    return p
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda if torch sees a GPU (checked in a subprocess so this process stays torch-free)."""
+    if device != "auto":
+        return device
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    return "cuda" if probe.stdout.strip() == "True" else "cpu"
+
+
+def ensure_demo_checkpoint(path: Path) -> Path:
+    """Create the seeded tiny demo checkpoint once (atomically: built in a temp dir, then renamed)."""
+    if (path / "config.json").is_file():
+        return path
+    from videochat.demo_checkpoint import make_demo_checkpoint
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+    make_demo_checkpoint(tmp, seed=0)
+    try:
+        tmp.rename(path)
+    except OSError:  # someone else made it meanwhile
+        if not (path / "config.json").is_file():
+            raise
+    print(f"created demo checkpoint (tiny random weights) at {path}", flush=True)
+    return path
+
+
+def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions:
+    return RepoOptions(checkpoint=checkpoint, device=resolve_device(args.device),
+                       max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                       instances=args.instances, preprocess_instances=args.preprocess_instances,
+                       decoupled=args.decoupled_mode == "true", dtype=args.dtype,
+                       max_new_tokens_limit=args.max_new_tokens_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    work_dir = (args.work_dir or DEFAULT_WORK_DIR).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.checkpoint is not None:
+            checkpoint = args.checkpoint.resolve()
+        else:
+            demo = (work_dir / "demo-checkpoint") if args.work_dir else (DEFAULT_WORK_DIR.parent / "demo")
+            checkpoint = ensure_demo_checkpoint(demo)
+        opts = options_from_args(args, checkpoint)
+        repo = render_repository(opts, work_dir / "model_repository")
+        if args.render_only:
+            print(repo)
+            return 0
+        install = find_triton(work_dir)
+    except (LaunchError, ValueError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+
+    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    server = TritonServer(install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs)
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        server.terminate()          # graceful: in-flight requests and streams complete
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"starting tritonserver ({opts.device}, checkpoint {checkpoint}, repository {repo})", flush=True)
+    server.start()
+    try:
+        server.wait_ready(timeout_s=600)
+    except LaunchError as exc:
+        if not stopping:
+            print(f"serve: {exc}", file=sys.stderr)
+        server.stop()
+        return 0 if stopping else 1
+    print(f"ready: model '{ENSEMBLE}' on grpc {endpoints.grpc_url}, http {endpoints.http_url}, "
+          f"metrics http://{endpoints.host}:{endpoints.metrics_port}/metrics "
+          f"(streaming: {'on' if opts.decoupled else 'off'})", flush=True)
+    while True:
+        try:
+            rc = server.wait()
+            break
+        except InterruptedError:
+            continue
+    leftovers = server.cleanup_shm()
+    if leftovers:
+        print(f"removed {len(leftovers)} leftover shared-memory region(s)", flush=True)
+    print(f"tritonserver exited with code {rc}", flush=True)
+    return 0 if stopping and rc in (0, -signal.SIGTERM) else (rc or 0)

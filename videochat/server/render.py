@@ -1,0 +1,85 @@
+"""Render model_repository/ (templates + model.py files) into a runnable repository for one deployment.
+
+model_repository/ is never edited in place: each model's `config.pbtxt.template` is filled from `RepoOptions`
+and written, with the model's version directory, under the output directory.
+"""
+from __future__ import annotations
+
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from videochat.serving.settings import DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES, DTYPES
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+# Packages the python models import. The stub puts each model's version dir on sys.path (PYTHONPATH is not
+# honoured), so the rendered version dirs get symlinks to these packages.
+PROJECT_PACKAGES = ("videochat", "preprocessing")
+ENSEMBLE, LLM, PREPROCESSING = "videochat", "videochat_llm", "preprocessing"
+UNARY_SUFFIX = "_unary"
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    checkpoint: Path
+    device: str = "cpu"                     # "cpu" -> KIND_CPU, "cuda" -> KIND_GPU (one instance group per GPU)
+    max_batch_size: int = 8                 # 1 turns dynamic batching off
+    max_queue_delay_us: int = 5000          # small: at low load a request waits at most this long for mates
+    instances: int = 1                      # videochat_llm instances (per GPU with KIND_GPU)
+    preprocess_instances: int = 2           # CPU decode workers
+    decoupled: bool = True                  # stream tokens (stream_infer) or unary ModelInfer only
+    dtype: str = "auto"
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    # Test/CPU convenience: also serve `videochat_unary` (-> `videochat_llm_unary`, decoupled false) next to
+    # the decoupled pair, sharing preprocessing. Costs a second copy of the model, so not for GPUs.
+    extra_unary_variant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch_size", "instances", "preprocess_instances", "max_new_tokens_limit",
+                     "max_video_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if not (Path(self.checkpoint) / "config.json").is_file():
+            raise ValueError(f"checkpoint {self.checkpoint} has no config.json")
+
+
+def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE_REPOSITORY) -> Path:
+    """Write the rendered repository to `out_dir` (replaced if it exists) and return it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    common = {"max_batch_size": opts.max_batch_size, "max_new_tokens_limit": opts.max_new_tokens_limit}
+    _render_model(source / PREPROCESSING, out_dir / PREPROCESSING, {
+        **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes})
+    variants = [("", opts.decoupled)] + ([(UNARY_SUFFIX, False)] if opts.extra_unary_variant else [])
+    for suffix, decoupled in variants:
+        _render_model(source / LLM, out_dir / (LLM + suffix), {
+            **common, "name": LLM + suffix, "decoupled": str(decoupled).lower(),
+            "dynamic_batching": (f"dynamic_batching {{ max_queue_delay_microseconds: {opts.max_queue_delay_us} }}"
+                                 if opts.max_batch_size > 1 else "# max_batch_size 1: no dynamic batching"),
+            "instances": opts.instances, "instance_kind": "KIND_GPU" if opts.device == "cuda" else "KIND_CPU",
+            "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype})
+        _render_model(source / ENSEMBLE, out_dir / (ENSEMBLE + suffix), {
+            **common, "name": ENSEMBLE + suffix, "llm_name": LLM + suffix})
+    return out_dir
+
+
+def _render_model(src: Path, dst: Path, values: dict) -> None:
+    template = string.Template((src / "config.pbtxt.template").read_text())
+    text = template.substitute({k: str(v) for k, v in values.items()})  # KeyError on a missing placeholder
+    dst.mkdir(parents=True)
+    (dst / "config.pbtxt").write_text(text)
+    shutil.copytree(src / "1", dst / "1", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (dst / "1" / "model.py").is_file():
+        for package in PROJECT_PACKAGES:
+            (dst / "1" / package).symlink_to(PROJECT_ROOT / package, target_is_directory=True)

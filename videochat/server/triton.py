@@ -1,0 +1,187 @@
+"""Find tritonserver, prepare the python backend stub for this interpreter, run and stop the server.
+
+Two installations are supported:
+* NVIDIA's image (`/opt/tritonserver`): used as is; its stub matches the image's python.
+* the PyPI wheel nvidia-pytriton (`site-packages/pytriton/tritonserver`, server 2.51): copied once into a work
+  directory, with `python_backend_stubs/<X.Y>/triton_python_backend_stub` put into `backends/python`.
+The stub embeds libpython and takes `sys.prefix` from the first `python3` on PATH, so the environment puts this
+interpreter's LIBDIR on LD_LIBRARY_PATH and its bin directory first on PATH (see docs/notes/triton.md).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+NVIDIA_IMAGE_DIR = Path("/opt/tritonserver")
+
+
+class LaunchError(RuntimeError):
+    """The server could not be found, prepared or started; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backends: Path
+    lib_dirs: tuple[Path, ...]      # extra LD_LIBRARY_PATH entries
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+def find_triton(work_dir: Path) -> TritonInstall:
+    """NVIDIA's image first, then the nvidia-pytriton wheel (prepared under work_dir/tritonserver)."""
+    if (NVIDIA_IMAGE_DIR / "bin" / "tritonserver").is_file():
+        return TritonInstall(NVIDIA_IMAGE_DIR / "bin" / "tritonserver", NVIDIA_IMAGE_DIR / "backends", ())
+    try:
+        import pytriton
+    except ImportError:
+        raise LaunchError("tritonserver not found: neither /opt/tritonserver nor the nvidia-pytriton wheel "
+                          "(pip install nvidia-pytriton==0.7.0)") from None
+    site = Path(pytriton.__file__).resolve().parents[1]
+    return _prepare_wheel_server(site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs",
+                                 Path(work_dir) / "tritonserver")
+
+
+def _prepare_wheel_server(src: Path, libs: Path, dst: Path) -> TritonInstall:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(f"no python backend stub for Python {version} in {src / 'python_backend_stubs'}")
+    marker = dst / f".prepared-python{version}"
+    if not marker.is_file():            # copy once; never modify the venv's copy
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copy2(stub, dst / "backends" / "python" / "triton_python_backend_stub")
+        marker.write_text(str(stub) + "\n")
+    return TritonInstall(dst / "bin" / "tritonserver", dst / "backends", (libs,))
+
+
+def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its python stubs: this interpreter's libpython and site-packages."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [p for p in [libdir, *map(str, install.lib_dirs), env.get("LD_LIBRARY_PATH", "")] if p])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["VIRTUAL_ENV"] = sys.prefix
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, *, shm_prefix: str,
+                exit_timeout_s: int, log_verbose: int = 0) -> list[str]:
+    return [
+        str(install.binary),
+        f"--model-repository={Path(repository).resolve()}",
+        f"--backend-directory={install.backends}",
+        f"--grpc-address={endpoints.host}", f"--http-address={endpoints.host}",
+        f"--metrics-address={endpoints.host}",
+        f"--grpc-port={endpoints.grpc_port}", f"--http-port={endpoints.http_port}",
+        f"--metrics-port={endpoints.metrics_port}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        f"--log-verbose={log_verbose}",
+    ]
+
+
+class TritonServer:
+    """One tritonserver process: start, wait until ready, stop with SIGTERM (then SIGKILL), clean its shm."""
+
+    def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, *,
+                 log_path: Path | None = None, exit_timeout_s: int = 30) -> None:
+        self.endpoints = endpoints
+        self.exit_timeout_s = exit_timeout_s
+        self.shm_prefix = f"videochat_{uuid.uuid4().hex[:12]}_"
+        self.args = server_args(install, repository, endpoints, shm_prefix=self.shm_prefix,
+                                exit_timeout_s=exit_timeout_s)
+        self.env = server_env(install)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "TritonServer":
+        out = open(self.log_path, "ab") if self.log_path else None
+        try:   # own session: Ctrl-C in a terminal reaches only us, and we forward SIGTERM
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                         start_new_session=True)
+        finally:
+            if out:
+                out.close()
+        return self
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise LaunchError(f"tritonserver exited with code {self.proc and self.proc.returncode} before it was "
+                                  f"ready{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoints.http_url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise LaunchError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def terminate(self) -> None:
+        """Ask for a graceful stop (in-flight requests finish)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def stop(self) -> int:
+        """SIGTERM, wait the server's exit timeout (+ margin), SIGKILL if needed; clean our shm regions."""
+        rc = 0
+        if self.proc is not None:
+            self.terminate()
+            try:
+                rc = self.proc.wait(self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)   # its own session: the stubs go too
+                rc = self.proc.wait()
+        self.cleanup_shm()
+        return rc
+
+    def cleanup_shm(self) -> list[str]:
+        """Remove /dev/shm regions with this server's prefix (left behind only by crashed stubs)."""
+        leftovers = glob.glob(f"/dev/shm/{self.shm_prefix}*")
+        for path in leftovers:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return leftovers
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not Path(self.log_path).is_file():
+            return ""
+        tail = Path(self.log_path).read_text(errors="replace").splitlines()[-25:]
+        return f"; last log lines ({self.log_path}):\n" + "\n".join(tail)

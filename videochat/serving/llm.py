@@ -1,0 +1,158 @@
+"""videochat_llm's logic: gather valid requests -> one `generate_stream` over the batch -> scatter responses.
+
+Pure of Triton: `run_batch` takes the model, the parsed requests and a `should_stop(i)` callback and yields
+`Reply(index, arrays | error, final)`; the adapter turns each reply into a `pb_utils.InferenceResponse`
+(decoupled: sent as it comes; unary: only the final ones, collected).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from videochat.serving.requests import (CHAT_FIELDS, ChatFields, Getter, RequestError, parse_chat_fields,
+                                        parse_media_info, scalar)
+
+OUTPUT_NAMES = ("TEXT", "TOKEN_IDS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+LLM_INPUT_NAMES = ("PIXEL_VALUES", "MEDIA_INFO") + tuple(f.name.upper() for f in CHAT_FIELDS)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    chat_request: Any           # videochat.generation.ChatRequest
+    clips: int                  # for the metrics
+    media_type: str
+
+
+def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedRequest:
+    """videochat_llm inputs -> ChatRequest. PIXEL_VALUES is [1, clips, T, 3, H, W] (batch dim 1)."""
+    import torch
+    from videochat.generation import ChatRequest, GenerationParams
+
+    fields: ChatFields = parse_chat_fields(get, max_new_tokens_limit=max_new_tokens_limit)
+    info = parse_media_info(scalar(get, "MEDIA_INFO"))
+    pixels = get("PIXEL_VALUES")
+    if pixels is None or pixels.ndim != 6 or pixels.shape[0] != 1 or 0 in pixels.shape:
+        raise RequestError(f"PIXEL_VALUES must be [1, clips, T, 3, H, W], got {None if pixels is None else list(pixels.shape)}")
+    media_type = info["media_type"]
+    if media_type == "image" and pixels.shape[2] != 1:
+        raise RequestError(f"an image needs T == 1, got T = {pixels.shape[2]}")
+    try:  # the native types check again (shapes, ranges); their ValueErrors are the client's too
+        params = GenerationParams(
+            max_new_tokens=fields.max_new_tokens, do_sample=fields.do_sample, temperature=fields.temperature,
+            top_p=fields.top_p, top_k=fields.top_k, repetition_penalty=fields.repetition_penalty,
+            seed=fields.seed)
+        request = ChatRequest(media=torch.from_numpy(np.ascontiguousarray(pixels[0])), media_type=media_type,
+                              prompt=fields.prompt, history=fields.history, msg=fields.msg,
+                              instruction=fields.instruction, params=params)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return ParsedRequest(chat_request=request, clips=int(pixels.shape[1]), media_type=media_type)
+
+
+def output_arrays(*, text: str, token_ids: Sequence[int], prompt_tokens: int, completion_tokens: int,
+                  finish_reason: str) -> dict[str, np.ndarray]:
+    """One response's tensors, each with the leading batch dimension of 1."""
+    return {
+        "TEXT": np.array([[text.encode("utf-8")]], dtype=np.object_),
+        "TOKEN_IDS": np.asarray(list(token_ids), dtype=np.int32).reshape(1, -1),
+        "PROMPT_TOKENS": np.array([[prompt_tokens]], dtype=np.int32),
+        "COMPLETION_TOKENS": np.array([[completion_tokens]], dtype=np.int32),
+        "FINISH_REASON": np.array([[finish_reason.encode("utf-8")]], dtype=np.object_),
+    }
+
+
+@dataclass
+class Accumulator:
+    """Collects one request's stream; `delta` for streaming responses, `total` for the unary one."""
+    prompt_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    def add(self, event: Any) -> dict[str, np.ndarray]:
+        ev = event_fields(event)
+        self.prompt_tokens = ev["prompt_tokens"] if ev["prompt_tokens"] is not None else self.prompt_tokens
+        self.text.append(ev["text"])
+        self.token_ids.extend(ev["token_ids"])
+        self.finished = ev["finished"]
+        return output_arrays(text=ev["text"], token_ids=ev["token_ids"], prompt_tokens=self.prompt_tokens,
+                             completion_tokens=len(self.token_ids),
+                             finish_reason=ev["finish_reason"] if self.finished else "")
+
+    def total(self, finish_reason: str) -> dict[str, np.ndarray]:
+        return output_arrays(text="".join(self.text), token_ids=self.token_ids, prompt_tokens=self.prompt_tokens,
+                             completion_tokens=len(self.token_ids), finish_reason=finish_reason)
+
+
+def event_fields(event: Any) -> dict[str, Any]:
+    """The one place that knows TokenEvent's attribute names."""
+    token_id = getattr(event, "token_id", None)
+    token_ids = list(getattr(event, "token_ids", None) or ([] if token_id is None else [int(token_id)]))
+    finished = bool(getattr(event, "finished", False))
+    reason = getattr(event, "finish_reason", None) if finished else None
+    return {"text": getattr(event, "text", "") or "", "token_ids": token_ids, "finished": finished,
+            "finish_reason": "" if reason is None else str(getattr(reason, "value", reason)),
+            "prompt_tokens": getattr(event, "prompt_tokens", None)}
+
+
+@dataclass(frozen=True)
+class Reply:
+    index: int                              # position in the batch given to run_batch
+    arrays: dict[str, np.ndarray] | None    # None when error is set
+    final: bool
+    error: str | None = None                # message for an INTERNAL error (a bug, not the client's fault)
+
+
+def run_batch(model: Any, requests: Sequence[Any], *, should_stop: Callable[[int], bool],
+              streaming: bool) -> Iterator[Reply]:
+    """One `generate_stream` over all requests. Streaming: a Reply per token event; unary: only finals.
+
+    Each request always ends with exactly one final Reply. If the batched call fails before producing anything
+    (e.g. one request's prompt is too long), each request is retried alone so only the culprit fails; a failure
+    after tokens were sent ends the unfinished requests with an error Reply.
+    """
+    accs = [Accumulator() for _ in requests]
+    failed = yield from _stream(model, requests, list(range(len(requests))), accs, should_stop, streaming)
+    if failed is not None and len(requests) > 1 and not any(a.token_ids or a.text for a in accs):
+        for i in range(len(requests)):
+            error = yield from _stream(model, requests, [i], accs, should_stop, streaming)
+            if error is not None:
+                yield Reply(i, None, final=True, error=error)
+        return
+    for i, acc in enumerate(accs):
+        if not acc.finished:
+            yield Reply(i, None, final=True, error=failed or "generation ended without a final token")
+
+
+def _stream(model, requests, indices, accs, should_stop, streaming):
+    """Generator: run `indices` together; returns None or the error message (unfinished ones stay so)."""
+    try:
+        stream = model.generate_stream([requests[i] for i in indices], should_stop=lambda j: should_stop(indices[j]))
+        for step in stream:
+            for j, event in enumerate(step):
+                i = indices[j]
+                if event is None or accs[i].finished:
+                    continue
+                delta = accs[i].add(event)
+                if streaming:
+                    yield Reply(i, delta, final=accs[i].finished)
+                elif accs[i].finished:
+                    yield Reply(i, accs[i].total(event_fields(event)["finish_reason"]), final=True)
+    except Exception as exc:  # noqa: BLE001 - becomes an error reply, never a dropped request
+        return f"generation failed: {type(exc).__name__}: {exc}"[:500]
+    return None
+
+
+def batch_stats(parsed: Sequence[ParsedRequest]) -> dict[str, int]:
+    return {"requests": len(parsed), "clips": sum(p.clips for p in parsed),
+            "videos": sum(p.media_type == "video" for p in parsed),
+            "images": sum(p.media_type == "image" for p in parsed)}
+
+
+def describe(reply_arrays: dict[str, np.ndarray]) -> str:
+    """Short log line for a final reply."""
+    return json.dumps({"completion_tokens": int(reply_arrays["COMPLETION_TOKENS"][0, 0]),
+                       "finish_reason": reply_arrays["FINISH_REASON"][0, 0].decode()})

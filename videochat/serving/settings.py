@@ -1,0 +1,84 @@
+"""Model settings: parsed once from the Triton model config in `initialize`, rejected loudly if wrong.
+
+`config.pbtxt` is the one place for every knob: shapes, batching, instance kind (-> device) and
+`model_transaction_policy.decoupled` (-> streaming) come from the config itself; the few model-specific values
+are string `parameters`. No environment variables change model behaviour.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
+DEFAULT_MAX_VIDEO_BYTES = 256 * 1024 * 1024
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Parameters the python backend itself reads; allowed in any config.
+_BACKEND_PARAMETERS = {"EXECUTION_ENV_PATH"}
+
+
+class SettingsError(ValueError):
+    """A wrong model config; raised from initialize so the model fails to load with this message."""
+
+
+def config_parameters(model_config: Mapping[str, Any], *, known: set[str]) -> dict[str, str]:
+    params = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+    unknown = set(params) - known - _BACKEND_PARAMETERS
+    if unknown:
+        raise SettingsError(f"unknown parameters {sorted(unknown)}; known: {sorted(known)}")
+    return params
+
+
+def _positive_int(params: Mapping[str, str], key: str, default: int) -> int:
+    raw = params.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"parameter {key} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise SettingsError(f"parameter {key} must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> "PreprocessSettings":
+        params = config_parameters(json.loads(args["model_config"]),
+                                   known={"max_video_bytes", "max_new_tokens_limit"})
+        return cls(max_video_bytes=_positive_int(params, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES),
+                   max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
+                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT))
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    checkpoint: str
+    device: str                 # "cpu" or "cuda:<id>", from the instance group
+    dtype: str                  # one of DTYPES; "auto" = the model's default (fp32 on CPU, bf16 on GPU)
+    decoupled: bool             # model_transaction_policy.decoupled: stream tokens or one final response
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> "LLMSettings":
+        config = json.loads(args["model_config"])
+        params = config_parameters(config, known={"checkpoint_path", "dtype", "max_new_tokens_limit"})
+        checkpoint = params.get("checkpoint_path", "")
+        if not checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            raise SettingsError(f"parameter checkpoint_path must be a checkpoint directory with config.json, "
+                                f"got {checkpoint!r}")
+        dtype = params.get("dtype", "auto")
+        if dtype not in DTYPES:
+            raise SettingsError(f"parameter dtype must be one of {DTYPES}, got {dtype!r}")
+        kind = args.get("model_instance_kind", "CPU")
+        if kind not in ("CPU", "GPU"):
+            raise SettingsError(f"instance kind must be KIND_CPU or KIND_GPU, got {kind}")
+        device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
+        decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
+        return cls(checkpoint=checkpoint, device=device, dtype=dtype, decoupled=decoupled,
+                   max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
+                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT))
