@@ -70,15 +70,17 @@ def _open(data: bytes) -> av.container.InputContainer:
     except av.error.FFmpegError as exc:
         if data[4:8] in _MP4_BOXES:
             raise VideoDecodeError(
-                "truncated or corrupt MP4/MOV: the container index (moov) cannot be read") from exc
+                "truncated or corrupt MP4 or MOV file: the container index (moov) cannot be read") from exc
         raise VideoDecodeError("not a recognizable video or image format") from exc
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     try:
-        return container.streams.best("video")  # decord's choice on multi-stream files
+        stream = container.streams.best("video")  # decord's choice on multi-stream files
     except (ValueError, av.error.FFmpegError):
-        pass
+        stream = None
+    if stream is not None:
+        return stream
     raise VideoDecodeError("no video stream in the input (audio-only or empty container?)")
 
 
