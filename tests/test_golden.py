@@ -62,7 +62,7 @@ def test_case_turn_by_turn(model, media, case_id):
         assert top5.indices.tolist() == turn["first_step_top5"]["ids"], f"turn {turn_index}"
         torch.testing.assert_close(top5.values, torch.tensor(turn["first_step_top5"]["logits"]),
                                    atol=LOGITS_ATOL, rtol=0)
-        result = generate(model, [request])[0]
+        result = model.generate([request])[0]  # the delegator on VideoChatModel
         assert result.token_ids == turn["generated_ids"], f"turn {turn_index}"
         assert result.text == turn["response"]
         assert result.finish_reason == (FinishReason.STOP if turn["stopped_on_eos"] else FinishReason.LENGTH)

@@ -303,18 +303,22 @@ def _forward(model, inputs_embeds, attention_mask, position_ids, cache) -> torch
 @torch.inference_mode()
 def _select_tokens(logits: torch.Tensor, slots: Sequence[_Slot], eos_ids: frozenset[int]) -> list[int]:
     """Next token per row of logits [B, V] (float32): EOS mask before MIN_NEW_TOKENS, repetition penalty,
-    then argmax (greedy) or a draw from the request's own generator."""
-    tokens = []
+    then argmax (greedy) or a draw from the request's own generator.
+
+    All rows of a batch have generated the same number of tokens (they start together and each step adds one
+    to every live row), so the EOS mask applies to the whole batch; greedy rows share one argmax (one host sync
+    per step); only sampling rows are handled one by one.
+    """
+    if not slots:
+        return []
+    if len(slots[0].generated) < MIN_NEW_TOKENS:
+        logits = logits.index_fill(1, torch.tensor(sorted(eos_ids), device=logits.device), -float("inf"))
+    rows = [apply_repetition_penalty(logits[row], slot.generated, slot.request.params.repetition_penalty)
+            for row, slot in enumerate(slots)]
+    tokens = torch.stack(rows).argmax(dim=-1).tolist()
     for row, slot in enumerate(slots):
-        scores = logits[row]
-        if len(slot.generated) < MIN_NEW_TOKENS:
-            scores = scores.index_fill(0, torch.tensor(sorted(eos_ids), device=scores.device), -float("inf"))
-        params = slot.request.params
-        scores = apply_repetition_penalty(scores, slot.generated, params.repetition_penalty)
-        if params.do_sample:
-            tokens.append(sample_token(scores, params, slot.generator))
-        else:
-            tokens.append(int(torch.argmax(scores)))
+        if slot.request.params.do_sample:
+            tokens[row] = sample_token(rows[row], slot.request.params, slot.generator)
     return tokens
 
 
