@@ -370,6 +370,7 @@ def csv_rows(report: Dict[str, object]) -> List[Dict[str, object]]:
 
 def write_outputs(report: Dict[str, object], out: str, *, plot: Optional[str] = None) -> Dict[str, str]:
     paths = {"json": out}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     csv_path = os.path.splitext(out)[0] + ".csv"
@@ -412,6 +413,9 @@ def plot_report(report: Dict[str, object], path: str) -> None:
     ax3.plot(xs, [lv["output_tokens_per_second"] for lv in levels], "s--", color="C1", label="output tokens/s")
     ax3.set_ylabel("output tokens/s", color="C1")
     ax2.set_title("throughput")
+    if kind == "concurrency" and xs and max(xs) / min(xs) >= 8:
+        for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
     ax2.grid(alpha=0.3)
     fig.suptitle(f"videochat loadtest  {report['config']['url']}  turns={report['config']['turns']} "
                  f"max_new_tokens={report['config']['max_new_tokens']}")
