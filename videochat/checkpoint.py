@@ -203,14 +203,27 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | os.PathLike, config: Video
     scaling = config.llm.lora_scaling
     for item in plan:
         t = read_tensor(index[item.base], item.base).to(device)
-        if item.lora_a is not None:
-            a = read_tensor(index[item.lora_a], item.lora_a).to(device=device, dtype=torch.float32)
-            b = read_tensor(index[item.lora_b], item.lora_b).to(device=device, dtype=torch.float32)
-            t = t.to(torch.float32).addmm_(b, a, alpha=scaling)   # W + (alpha/r) * B @ A in float32
-            del a, b
         if t.is_floating_point():
             t = t.to(dtype)
+        if item.lora_a is not None:
+            a = read_tensor(index[item.lora_a], item.lora_a).to(device)
+            b = read_tensor(index[item.lora_b], item.lora_b).to(device)
+            merge_lora_(t, a, b, scaling)
+            del a, b
         assign_tensor(model, item.target, t)
+
+
+def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                chunk_rows: int = 4096) -> torch.Tensor:
+    """In place: `weight += scaling * lora_b @ lora_a`, computed in float32 and cast back to weight's dtype,
+    `chunk_rows` output rows at a time so the float32 temporary stays small (lm_head is 32768 x 4096).
+    weight [out, in], lora_a [r, in], lora_b [out, r]."""
+    a32 = lora_a.to(torch.float32)
+    for start in range(0, weight.shape[0], chunk_rows):
+        block = weight[start:start + chunk_rows]
+        merged = block.to(torch.float32).addmm(lora_b[start:start + chunk_rows].to(torch.float32), a32, alpha=scaling)
+        block.copy_(merged)
+    return weight
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
