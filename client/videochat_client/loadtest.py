@@ -287,6 +287,21 @@ def summarize(records: Sequence[Record]) -> Dict[str, object]:
     }
 
 
+async def _settled_scrape(url, before, successes: int, *, model: str = "videochat", wait_s: float = 3.0):
+    """Scrape after a level. Triton counts a decoupled request when it is released, which can be a moment after
+    the client saw its final response, so poll briefly until the model's success counter caught up."""
+    stop = time.perf_counter() + wait_s
+    while True:
+        after, err = try_scrape(url)
+        if after is None or before is None or time.perf_counter() >= stop:
+            return after, err
+        done = after.get("nv_inference_request_success", model=model) - before.get("nv_inference_request_success",
+                                                                                    model=model)
+        if done >= successes:
+            return after, err
+        await asyncio.sleep(0.25)
+
+
 def default_metrics_url(grpc_url: str) -> str:
     host = urlsplit("//" + grpc_url).hostname or "localhost"
     host = f"[{host}]" if ":" in host else host
@@ -322,7 +337,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
                 records, extra = await runner.open_loop(float(value), budget, p)
             if p:
                 p.close()
-            after, err2 = try_scrape(cfg.metrics_url)
+            after, err2 = await _settled_scrape(cfg.metrics_url, before, sum(r.error is None for r in records))
             level: Dict[str, object] = {kind: value, "mode": "closed" if kind == "concurrency" else "open"}
             level.update(summarize(records))
             level.update(extra)
