@@ -355,6 +355,7 @@ def first_step_logits(model, requests: Sequence[ChatRequest]) -> torch.Tensor:
     logits, _, _ = _prefill(model, slots, DynamicCache(config=model.llm.config))
     return logits
 
+
 def generate_stream(model, requests: Sequence[ChatRequest],
                     should_stop: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
     """Generate for all requests together; yield, per step, one `TokenEvent | None` per request (None once the
