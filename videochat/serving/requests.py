@@ -36,6 +36,12 @@ class RequestError(ValueError):
     """A client error: the message goes back as INVALID_ARGUMENT."""
 
 
+def invalid_argument(exc: Exception) -> str:
+    """Client-facing message of a RequestError. The "invalid argument: " prefix is there for streaming callers:
+    an error inside a gRPC stream reaches them as a message without a status code."""
+    return f"invalid argument: {exc}"
+
+
 @dataclass(frozen=True)
 class ChatField:
     name: str          # public (lower-case) name; REQ_<NAME> between steps, <NAME> at videochat_llm
@@ -152,6 +158,8 @@ def parse_chat_fields(get: Getter, *, prefix: str = "", max_new_tokens_limit: in
         return scalar(get, prefix + field.name.upper(), field.default)
 
     v = {f.name: raw(f) for f in CHAT_FIELDS}
+    if get(prefix + "MAX_NEW_TOKENS") is None:   # omitted: the model card's 200, capped by the server's limit
+        v["max_new_tokens"] = min(int(v["max_new_tokens"]), max_new_tokens_limit)
     if not v["prompt"].strip():
         raise RequestError("prompt is empty")
     fields = ChatFields(

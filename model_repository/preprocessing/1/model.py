@@ -5,7 +5,7 @@ Logic lives in videochat/serving/preprocess.py; this file only converts tensors 
 import triton_python_backend_utils as pb_utils
 
 from videochat.serving.preprocess import preprocess_request
-from videochat.serving.requests import RequestError
+from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.settings import PreprocessSettings
 
 
@@ -27,7 +27,7 @@ class TritonPythonModel:
             arrays = preprocess_request(get, self.settings)
         except RequestError as exc:
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+                error=pb_utils.TritonError(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))
         except Exception as exc:  # noqa: BLE001 - a bug: INTERNAL for this request only, logged
             self.logger.log_error(f"preprocessing failed: {type(exc).__name__}: {exc}")
             return pb_utils.InferenceResponse(

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from videochat.serving.llm import batch_stats, build_chat_request, run_batch
 from videochat.serving.metrics import LLMMetrics
-from videochat.serving.requests import RequestError
+from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -45,7 +45,7 @@ class TritonPythonModel:
                 valid.append(i)
             except RequestError as exc:   # this request only; its batch-mates go on
                 self.metrics.rejected.increment(1)
-                respond(i, _error(str(exc), pb_utils.TritonError.INVALID_ARG))
+                respond(i, _error(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))
 
         if valid:
             self.metrics.on_batch(batch_stats(parsed))

@@ -1,0 +1,135 @@
+"""The Triton adapters' logic without Triton: request parsing and defaults, the batch streaming loop with a fake
+model (one final reply per request, error isolation), settings validation, and config rendering."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from videochat.server.render import SOURCE_REPOSITORY, RepoOptions, render_repository
+from videochat.serving.llm import run_batch
+from videochat.serving.requests import (CHAT_FIELDS, RequestError, chat_fields_to_arrays, getter_from_mapping,
+                                        parse_chat_fields, parse_media_options)
+from videochat.serving.settings import LLMSettings, SettingsError
+
+
+def b(s: str) -> np.ndarray:
+    return np.array([[s.encode()]], dtype=object)
+
+
+def test_chat_fields_defaults_and_roundtrip():
+    fields = parse_chat_fields(getter_from_mapping({"PROMPT": b("hi")}), max_new_tokens_limit=64)
+    assert (fields.max_new_tokens, fields.do_sample, fields.seed, fields.instruction, fields.history) == \
+        (64, False, None, None, ())      # omitted max_new_tokens: 200, capped by the server's limit
+    arrays = chat_fields_to_arrays(parse_chat_fields(getter_from_mapping(
+        {"PROMPT": b("hi"), "HISTORY": b('[["q", "a"]]'), "SEED": np.array([[7]]), "MAX_NEW_TOKENS": np.array([[5]])}),
+        max_new_tokens_limit=64))
+    assert set(arrays) == {"REQ_" + f.name.upper() for f in CHAT_FIELDS}
+    again = parse_chat_fields(getter_from_mapping(arrays), prefix="REQ_", max_new_tokens_limit=64)
+    assert again.history == (("q", "a"),) and again.seed == 7 and again.max_new_tokens == 5
+
+
+@pytest.mark.parametrize("bad", [{"MAX_NEW_TOKENS": np.array([[0]])}, {"MAX_NEW_TOKENS": np.array([[65]])},
+                                 {"TEMPERATURE": np.array([[-1.0]])}, {"TOP_P": np.array([[1.5]])},
+                                 {"HISTORY": b("[1, 2]")}, {"PROMPT": b("  ")}, {"PROMPT": None}])
+def test_bad_chat_fields_raise_request_error(bad):
+    tensors = {"PROMPT": b("hi"), **bad}
+    with pytest.raises(RequestError):
+        parse_chat_fields(getter_from_mapping({k: v for k, v in tensors.items() if v is not None}),
+                          max_new_tokens_limit=64)
+
+
+def test_media_options():
+    assert parse_media_options(getter_from_mapping({})).num_segments == 8
+    with pytest.raises(RequestError):
+        parse_media_options(getter_from_mapping({"NUM_SEGMENTS": np.array([[0]], np.int32)}))
+
+
+@dataclass
+class Ev:
+    token_id: int | None
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    prompt_tokens: int = 10
+
+
+class FakeModel:
+    """Request r generates r["n"] tokens; r["boom"] makes the batched call fail before the first step."""
+    def __init__(self):
+        self.calls = []
+
+    def generate_stream(self, requests, should_stop=None):
+        self.calls.append(len(requests))
+        if len(requests) > 1 and any(r.get("boom") for r in requests):
+            raise ValueError("prompt too long")
+        if requests[0].get("boom"):
+            raise ValueError("prompt too long")
+        step = 0
+        while True:
+            step += 1
+            events = [None if step > r["n"] else Ev(step, f"t{step} ", step == r["n"], "length" if step == r["n"] else None)
+                      for r in requests]
+            if all(e is None for e in events):
+                return
+            yield events
+
+
+def test_run_batch_streaming_and_unary_one_final_each():
+    reqs = [{"n": 2}, {"n": 3}]
+    stream = list(run_batch(FakeModel(), reqs, should_stop=lambda i: False, streaming=True))
+    assert [(r.index, r.final) for r in stream] == [(0, False), (1, False), (0, True), (1, False), (1, True)]
+    unary = list(run_batch(FakeModel(), reqs, should_stop=lambda i: False, streaming=False))
+    assert [(r.index, r.arrays["TEXT"][0, 0], r.arrays["TOKEN_IDS"].tolist()) for r in unary] == \
+        [(0, b"t1 t2 ", [[1, 2]]), (1, b"t1 t2 t3 ", [[1, 2, 3]])]
+    assert unary[1].arrays["FINISH_REASON"][0, 0] == b"length"
+
+
+def test_run_batch_isolates_a_failing_request():
+    model = FakeModel()
+    replies = [r for r in run_batch(model, [{"n": 1}, {"n": 1, "boom": True}], should_stop=lambda i: False,
+                                    streaming=False)]
+    assert model.calls == [2, 1, 1]
+    assert {r.index: r.error for r in replies} == {0: None, 1: "generation failed: ValueError: prompt too long"}
+
+
+def test_settings_reject_bad_config():
+    args = {"model_config": json.dumps({"parameters": {"checkpoint_path": {"string_value": str(TINY)},
+                                                       "dtype": {"string_value": "int8"}}}),
+            "model_instance_kind": "CPU"}
+    with pytest.raises(SettingsError, match="dtype"):
+        LLMSettings.from_args(args)
+    ok = json.loads(args["model_config"])
+    ok["parameters"]["dtype"]["string_value"] = "auto"
+    ok["model_transaction_policy"] = {"decoupled": True}
+    s = LLMSettings.from_args({**args, "model_config": json.dumps(ok), "model_instance_kind": "GPU",
+                               "model_instance_device_id": "1"})
+    assert (s.device, s.decoupled) == ("cuda:1", True)
+
+
+def test_render_gpu_unary_no_batching(tmp_path):
+    repo = render_repository(RepoOptions(checkpoint=TINY, device="cuda", decoupled=False, max_batch_size=1),
+                             tmp_path / "repo")
+    llm = (repo / "videochat_llm" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in llm and "decoupled: false" in llm and "dynamic_batching {" not in llm
+    assert (repo / "videochat_llm" / "1" / "videochat").is_symlink()
+    repo = render_repository(RepoOptions(checkpoint=TINY), tmp_path / "repo")
+    llm = (repo / "videochat_llm" / "config.pbtxt").read_text()
+    assert "kind: KIND_CPU" in llm and "decoupled: true" in llm and "max_queue_delay_microseconds" in llm
+    assert "preferred_batch_size" not in llm
+
+
+def test_templates_carry_every_chat_field():
+    pre = (SOURCE_REPOSITORY / "preprocessing" / "config.pbtxt.template").read_text()
+    llm = (SOURCE_REPOSITORY / "videochat_llm" / "config.pbtxt.template").read_text()
+    ens = (SOURCE_REPOSITORY / "videochat" / "config.pbtxt.template").read_text()
+    for f in CHAT_FIELDS:
+        name = f.name.upper()
+        assert f'name: "REQ_{name}"' in pre and f'name: "{name}"' in llm
+        assert f'input_map {{ key: "{name}" value: "REQ_{name}" }}' in ens
+    public = re.findall(r'\{ name: "([a-z_]+)"', ens)
+    assert public[:2] == ["video", "prompt"] and len(public) == 16 + 5
