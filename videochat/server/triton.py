@@ -88,7 +88,8 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         [p for p in [libdir, *map(str, install.lib_dirs), env.get("LD_LIBRARY_PATH", "")] if p])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["VIRTUAL_ENV"] = sys.prefix
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
     env.pop("PYTHONHOME", None)
     return env
 
