@@ -61,3 +61,39 @@ def test_bad_request_does_not_fail_batch_mates(triton):
         else:
             assert not isinstance(res, Exception), res
             assert res.completion_tokens == 3
+
+
+def test_bad_request_inside_an_llm_batch_fails_alone(triton):
+    """Straight to videochat_llm_unary (all inputs required): a request with bad MEDIA_INFO in the same dynamic
+    batch as good ones gets INVALID_ARGUMENT; the others get their answers."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from videochat.serving.requests import chat_fields_to_arrays, getter_from_mapping, parse_chat_fields
+
+    pixels = np.load(TINY / "media_A5_image_example1_nopad_full_fp16.npy")[None]
+    chat = chat_fields_to_arrays(parse_chat_fields(getter_from_mapping(
+        {"PROMPT": np.array([[b"What is the man holding?"]], dtype=object),
+         "MAX_NEW_TOKENS": np.array([[4]], np.int32)}), max_new_tokens_limit=64), prefix="")
+
+    def run(media_info: bytes):
+        arrays = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[media_info]], dtype=object), **chat}
+        inputs = []
+        for name, arr in arrays.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object
+                                        else np_to_triton_dtype(arr.dtype))
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        try:
+            return triton.client().infer("videochat_llm_unary", inputs).as_numpy("TEXT")[0, 0]
+        except InferenceServerException as exc:
+            return exc
+
+    infos = [b'{"media_type": "image"}'] * 6
+    infos[1] = b'{"media_type": "audio"}'
+    with ThreadPoolExecutor(len(infos)) as pool:
+        results = list(pool.map(run, infos))
+    assert isinstance(results[1], InferenceServerException) and "INVALID_ARGUMENT" in str(results[1].status())
+    good = [r for i, r in enumerate(results) if i != 1]
+    assert all(isinstance(r, bytes) for r in good) and len(set(good)) == 1, results
