@@ -8,11 +8,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from preprocessing import preprocess
 from videochat.model import VideoChatModel
 from videochat.projection import merge_visual_tokens
 
@@ -29,61 +28,13 @@ def model() -> VideoChatModel:
 
 
 # ------------------------------------------------------------------------------------------- media
-def _model_card_load_video(path: Path, *, num_segments: int, padding: bool, hd_num: int = 6,
-                           size: int = 224) -> torch.Tensor:
-    """The model card's `load_video` (spec §7), used only while the preprocessing package has not landed."""
-    from decord import VideoReader, cpu
-    from torchvision.transforms.functional import normalize
-
-    vr = VideoReader(str(path), ctx=cpu(0), num_threads=1)
-    n = len(vr)
-    seg = (n - 1) / num_segments
-    idx = [int(seg / 2) + int(np.round(seg * i)) for i in range(num_segments)]
-    frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2).float()   # [T, 3, H, W] 0..255
-    if padding:
-        h, w = frames.shape[-2:]
-        rotated = w < h
-        if rotated:
-            frames = frames.flip(-2, -1)
-        width, height = (h, w) if rotated else (w, h)
-        ratio = width / height
-        scale = 1
-        while scale * math.ceil(scale / ratio) <= hd_num:
-            scale += 1
-        scale -= 1
-        new_w = int(scale * size)
-        new_h = int(new_w / ratio)
-        frames = F.interpolate(frames, size=(new_h, new_w), mode="bicubic", align_corners=False)
-        target = int(np.ceil(new_h / size) * size)
-        top = (target - new_h) // 2
-        frames = F.pad(frames, [0, 0, top, target - new_h - top], value=255)
-        if rotated:
-            frames = frames.flip(-2, -1)
-    else:
-        frames = F.interpolate(frames, size=(size, 2 * size), mode="bicubic", align_corners=False)
-    frames = normalize(frames / 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    t, _, h, w = frames.shape
-    tiles = frames.reshape(1, t, 3, h // size, size, w // size, size).permute(0, 3, 5, 1, 2, 4, 6)
-    tiles = tiles.reshape(-1, t, 3, size, size)
-    glb = F.interpolate(frames, size=(size, size), mode="bicubic", align_corners=False).unsqueeze(0)
-    return torch.cat([tiles, glb])                                                          # [N, T, 3, 224, 224]
-
-
 def media_for(case: dict) -> torch.Tensor:
-    """[N, T, 3, 224, 224] float32 of a golden case (preprocessing package if present, else the model card)."""
+    """[N, T, 3, 224, 224] float32 of a golden case, made by the preprocessing package."""
     p = case["preprocess"]
-    image = case["media_type"] == "image"
-    video = FIXTURE / case["video"] if (FIXTURE / case["video"]).exists() else FIXTURE / "videos" / Path(case["video"]).name
-    try:
-        from preprocessing import preprocess
-    except ImportError:
-        preprocess = None
-    if preprocess is not None:
-        res = preprocess(video.read_bytes(), num_segments=p["num_segments"], resolution=p["resolution"],
-                         hd_num=p["hd_num"], padding=p["padding"], image=image)
-        return res.pixel_values[0]
-    return _model_card_load_video(video, num_segments=1 if image else p["num_segments"], padding=p["padding"],
-                                  hd_num=p["hd_num"])
+    video = FIXTURE / case["video"]
+    res = preprocess(video.read_bytes(), num_segments=p["num_segments"], resolution=p["resolution"],
+                     hd_num=p["hd_num"], padding=p["padding"], image=case["media_type"] == "image")
+    return res.pixel_values[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Pure of Triton: `run_batch` takes the model, the parsed requests and a `should_s
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -150,9 +149,3 @@ def batch_stats(parsed: Sequence[ParsedRequest]) -> dict[str, int]:
     return {"requests": len(parsed), "clips": sum(p.clips for p in parsed),
             "videos": sum(p.media_type == "video" for p in parsed),
             "images": sum(p.media_type == "image" for p in parsed)}
-
-
-def describe(reply_arrays: dict[str, np.ndarray]) -> str:
-    """Short log line for a final reply."""
-    return json.dumps({"completion_tokens": int(reply_arrays["COMPLETION_TOKENS"][0, 0]),
-                       "finish_reason": reply_arrays["FINISH_REASON"][0, 0].decode()})
