@@ -1,7 +1,9 @@
-"""Batched generation: gather requests -> one vision pass -> left-padded prefill -> one token per step (KV cache).
+"""Generation types and token selection; the fixed-batch API over the continuous-batching engine.
 
-`generate_stream(model, requests)` is the engine (a generator yielding one `TokenEvent | None` per request per
-step); `generate(model, requests)` is the non-streaming wrapper. Equivalence with the reference (batch size 1,
+Request/result types (`ChatRequest`, `GenerationParams`, `TokenEvent`, `ChatResult`), streaming
+detokenisation and sampling live here; `videochat.engine.GenerationEngine` runs the batch (requests join and leave between
+decode steps). `generate_stream(model, requests)` adds all requests to one engine and yields one
+`TokenEvent | None` per request per step; `generate(model, requests)` is the non-streaming wrapper. Equivalence with the reference (batch size 1,
 HF `generate`, spec §6, quirks Q5, Q6, Q14, Q16):
 
 * prompts are left-padded with an attention mask and position ids `cumsum(mask) - 1`, as HF `generate` does,
@@ -21,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
-from videochat.chat_format import History, MediaType, TokenizedPrompt, append_turn, build_prompt, normalize_history
+from videochat.chat_format import History, MediaType, append_turn, normalize_history
 
 # media tensors are [clips, T, channels, height, width]
 MEDIA_DIMS = 5
@@ -87,6 +88,7 @@ class ChatRequest:
     msg: str = ""
     instruction: str | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+    media_key: str | None = None   # content hash of the input bytes + preprocessing options; None = never cached
 
     def __post_init__(self):
         object.__setattr__(self, "media_type", MediaType(self.media_type))
@@ -94,6 +96,8 @@ class ChatRequest:
         validate_media(self.media, self.media_type)
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.media_key is not None and not isinstance(self.media_key, str):
+            raise ValueError(f"media_key must be a string or None, got {type(self.media_key).__name__}")
 
     @property
     def num_clips(self) -> int:
@@ -219,30 +223,14 @@ def sample_token(logits: torch.Tensor, params: GenerationParams, generator: torc
     return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
 
 
-def _make_generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+def make_generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
     if not params.do_sample:
         return None
     seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(_SEED_BITS)
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# --------------------------------------------------------------------------------------------- batch state
-
-@dataclass(kw_only=True)
-class _Slot:
-    """Mutable per-request state during one `generate_stream` call (private)."""
-
-    index: int
-    request: ChatRequest
-    prompt: TokenizedPrompt
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    finish_reason: FinishReason | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.detokenizer.ids
-
+# --------------------------------------------------------------------------------------------- batch helpers
 
 def tokens_per_clip(model) -> int:
     """Visual tokens per clip (view) = num_query_token + extra_num_query_token of the bridge config."""
@@ -256,11 +244,6 @@ def eos_token_ids(model) -> frozenset[int]:
     if eos is None:
         eos = model.tokenizer.eos_token_id
     return frozenset([eos] if isinstance(eos, int) else eos)
-
-
-def _merge(text_embeds: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    from videochat.projection import merge_visual_tokens
-    return merge_visual_tokens(text_embeds, mask, visual)
 
 
 def left_pad(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,81 +262,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
-@torch.inference_mode()
-def _prefill_inputs(model, slots: Sequence[_Slot]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vision for all requests in one `encode_media` call, then text embeddings with the visual tokens merged
-    in, left-padded: inputs_embeds [B, L_max, H_llm], attention_mask [B, L_max]."""
-    media = [s.request.media.to(device=model.device, dtype=model.dtype) for s in slots]
-    visual = model.encode_media(media, [s.request.media_type.value for s in slots],
-                                [s.request.instruction for s in slots])
-    embed = model.llm.get_input_embeddings()
-    embeds = [_merge(embed(s.prompt.input_ids.to(model.device)), s.prompt.placeholder_mask.to(model.device), v)
-              for s, v in zip(slots, visual)]
-    return left_pad(embeds)
-
-
-@torch.inference_mode()
-def _forward(model, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-    """One LLM call over [B, L, H] (prefill) or [B, 1, H] (decode); returns last-position logits [B, V] float32."""
-    out = model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :].float()
-
-
-@torch.inference_mode()
-def _select_tokens(logits: torch.Tensor, slots: Sequence[_Slot], eos_ids: frozenset[int]) -> list[int]:
-    """Next token per row of logits [B, V] (float32): EOS mask before MIN_NEW_TOKENS, repetition penalty,
-    then argmax (greedy) or a draw from the request's own generator.
-
-    All rows of a batch have generated the same number of tokens (they start together and each step adds one
-    to every live row), so the EOS mask applies to the whole batch; greedy rows share one argmax (one host sync
-    per step); only sampling rows are handled one by one.
-    """
-    if not slots:
-        return []
-    if len(slots[0].generated) < MIN_NEW_TOKENS:
-        logits = logits.index_fill(1, torch.tensor(sorted(eos_ids), device=logits.device), -float("inf"))
-    rows = [apply_repetition_penalty(logits[row], slot.generated, slot.request.params.repetition_penalty)
-            for row, slot in enumerate(slots)]
-    tokens = torch.stack(rows).argmax(dim=-1).tolist()
-    for row, slot in enumerate(slots):
-        if slot.request.params.do_sample:
-            tokens[row] = sample_token(rows[row], slot.request.params, slot.generator)
-    return tokens
-
-
-def _finish(slot: _Slot, reason: FinishReason) -> str:
-    slot.finish_reason = reason
-    return slot.detokenizer.finish()
-
-
-# --------------------------------------------------------------------------------------------- the engine
-
-def _make_slots(model, requests: Sequence[ChatRequest]) -> list[_Slot]:
-    per_clip = tokens_per_clip(model)
-    return [_Slot(index=i, request=r, generator=_make_generator(r.params, model.device),
-                  detokenizer=IncrementalDetokenizer(model.tokenizer),
-                  prompt=build_prompt(model.tokenizer, media_type=r.media_type, num_clips=r.num_clips,
-                                      tokens_per_clip=per_clip, prompt=r.prompt, history=r.history, msg=r.msg,
-                                      instruction=r.instruction))
-            for i, r in enumerate(requests)]
-
-
-def _prefill(model, slots: Sequence[_Slot], cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vision + one LLM pass over the left-padded prompts, filling `cache`. Returns the first-step logits
-    [B, V] float32, the attention mask [B, L_max] and the next position id per row [B]."""
-    inputs_embeds, attention_mask = _prefill_inputs(model, slots)
-    position_ids = positions_from_mask(attention_mask)
-    logits = _forward(model, inputs_embeds, attention_mask, position_ids, cache)
-    return logits, attention_mask, position_ids[:, -1] + 1
-
+# --------------------------------------------------------------------------------------------- fixed-batch API
+# Thin wrappers over `videochat.engine.GenerationEngine` (imported lazily: the engine imports this module's
+# types), so there is one prefill and one decode code path.
 
 def first_step_logits(model, requests: Sequence[ChatRequest]) -> torch.Tensor:
     """Raw logits [B, V] (float32) of the first generated position, computed by the same batched prefill as
-    `generate_stream` (for parity checks against the reference and for scoring)."""
-    slots = _make_slots(model, requests)
-    logits, _, _ = _prefill(model, slots, DynamicCache(config=model.llm.config))
-    return logits
+    generation (for parity checks against the reference and for scoring)."""
+    from videochat.engine import GenerationEngine
+    engine = GenerationEngine(model)
+    engine.add(requests)
+    return engine.pending_logits
 
 
 def generate_stream(model, requests: Sequence[ChatRequest],
@@ -361,60 +280,21 @@ def generate_stream(model, requests: Sequence[ChatRequest],
     """Generate for all requests together; yield, per step, one `TokenEvent | None` per request (None once the
     request has finished). `should_stop(i)` is asked before every step; True cancels request i.
 
-    Finished requests leave the batch (their rows are dropped from the KV cache), so a long answer never
-    pays for finished batch-mates.
+    All requests join one `GenerationEngine` at once; finished requests leave the batch (their rows are dropped
+    from the KV cache), so a long answer never pays for finished batch-mates.
     """
-    if not requests:
-        return
-    eos_ids = eos_token_ids(model)
-    slots = _make_slots(model, requests)
-    cache = DynamicCache(config=model.llm.config)
-    logits, attention_mask, next_position = _prefill(model, slots, cache)
-    active = list(slots)
-    while active:
+    from videochat.engine import GenerationEngine
+    engine = GenerationEngine(model)
+    index = {handle: i for i, handle in enumerate(engine.add(requests))}
+    while engine.num_active:
         events: list[TokenEvent | None] = [None] * len(requests)
-        live_rows, live = [], []
-        for row, slot in enumerate(active):
-            if should_stop is not None and should_stop(slot.index):
-                text = _finish(slot, FinishReason.CANCELLED)
-                events[slot.index] = TokenEvent(token_id=None, text=text, finished=True,
-                                                finish_reason=FinishReason.CANCELLED,
-                                                prompt_tokens=slot.prompt.length,
-                                                completion_tokens=len(slot.generated))
-            else:
-                live_rows.append(row)
-                live.append(slot)
-        tokens = _select_tokens(logits[live_rows], live, eos_ids)
-        keep_rows, keep_tokens = [], []
-        for row, slot, token in zip(live_rows, live, tokens):
-            events[slot.index] = _step_event(slot, token, eos_ids)
-            if slot.finish_reason is None:
-                keep_rows.append(row)
-                keep_tokens.append(token)
+        if should_stop is not None:
+            for handle in engine.handles:
+                if should_stop(index[handle]):
+                    events[index[handle]] = engine.cancel(handle)
+        for handle, event in engine.step():
+            events[index[handle]] = event
         yield events
-        active = [active[row] for row in keep_rows]
-        if not active:
-            return
-        keep = torch.tensor(keep_rows, device=attention_mask.device)
-        if len(keep_rows) != attention_mask.shape[0]:
-            cache.batch_select_indices(keep)
-        attention_mask = torch.cat([attention_mask[keep], attention_mask.new_ones(len(keep_rows), 1)], dim=1)
-        next_position = next_position[keep]
-        with torch.inference_mode():
-            token_embeds = model.llm.get_input_embeddings()(torch.tensor(keep_tokens, device=model.device))
-        logits = _forward(model, token_embeds[:, None, :], attention_mask, next_position[:, None], cache)
-        next_position = next_position + 1
-
-
-def _step_event(slot: _Slot, token: int, eos_ids: frozenset[int]) -> TokenEvent:
-    text = slot.detokenizer.push(token)
-    if token in eos_ids:
-        text += _finish(slot, FinishReason.STOP)
-    elif len(slot.generated) >= slot.request.params.max_new_tokens:
-        text += _finish(slot, FinishReason.LENGTH)
-    return TokenEvent(token_id=token, text=text, finished=slot.finish_reason is not None,
-                      finish_reason=slot.finish_reason, prompt_tokens=slot.prompt.length,
-                      completion_tokens=len(slot.generated))
 
 
 def generate(model, requests: Sequence[ChatRequest],
