@@ -228,6 +228,12 @@ class GenerationEngine:
         return tuple(s.handle for s in self._slots)
 
     @property
+    def kv_length(self) -> int:
+        """Columns of the KV cache / mask (0 when idle): the longest active row's prompt + generated tokens,
+        since rows leaving trim the columns nobody attends to."""
+        return 0 if self._batch is None else int(self._batch.mask.shape[1])
+
+    @property
     def pending_logits(self) -> torch.Tensor | None:
         """[num_active, V] float32 logits of each active request's next token (row order = `handles`)."""
         return None if self._batch is None else self._batch.logits
