@@ -1,0 +1,329 @@
+"""In-flight (continuous) batching for the decoupled `videochat_llm` step, without Triton.
+
+    execute(requests) ──submit(jobs)──▶ queue ──admit between steps──▶ engine (running batch)
+                                                                          │ step(): one token per active request
+    senders ◀── StreamCoalescer (first token at once, then every stream_interval_ms, always the final) ◀─┘
+
+`Scheduler` owns a `GenerationEngine` (videochat.engine / videochat.generation) and a background thread:
+
+* admit: queued jobs join the running batch between decode steps, up to `max_active` sequences. A group is
+  added with one `engine.add` call; if it raises, each job is retried alone so only the culprit fails
+  (ValueError = the client's request: INVALID_ARG; anything else: INTERNAL).
+* step: `engine.step()` gives one event per active request; events go through each job's coalescer to its sink.
+* cancel: `job.is_cancelled()` is checked before every step; `engine.cancel(handle)` gives the final event.
+* errors: an exception in a step fails every active job with INTERNAL, replaces the engine (factory) and the
+  loop goes on serving the queue.
+* exactly one final response per job, whatever happens (`stop()` fails the leftovers with UNAVAILABLE).
+
+A `Sink` is what the adapter wraps a Triton response sender in; tests use a list.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from videochat.serving.llm import event_fields, output_arrays
+
+INVALID_ARG, INTERNAL, UNAVAILABLE = "invalid_arg", "internal", "unavailable"
+IDLE_WAIT_S = 0.5          # the loop sleeps at most this long without work (and re-checks stop)
+
+
+class Sink(Protocol):
+    def send(self, arrays: dict[str, np.ndarray], *, final: bool) -> None: ...
+    def fail(self, message: str, *, code: str) -> None: ...      # always final
+
+
+class Engine(Protocol):
+    def add(self, requests: Sequence[Any]) -> list[int]: ...
+    def step(self) -> list[tuple[int, Any]]: ...
+    def cancel(self, handle: int) -> Any: ...
+    @property
+    def num_active(self) -> int: ...
+
+
+@dataclass
+class StreamCoalescer:
+    """Per-request streaming policy: the first token at once (time to first token), later deltas merged until
+    `interval_s` passed since the last send, the final event always. `interval_s == 0` sends every event.
+    The sent deltas concatenate to the full text and ids; completion_tokens counts all ids so far."""
+    interval_s: float
+    clock: Callable[[], float] = time.monotonic
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    sent_responses: int = 0
+    _text: list[str] = field(default_factory=list)
+    _ids: list[int] = field(default_factory=list)
+    _last_send: float | None = None
+
+    def push(self, event: Any) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """-> (arrays to send now or None, final)."""
+        ev = event_fields(event)
+        if ev["prompt_tokens"]:
+            self.prompt_tokens = ev["prompt_tokens"]
+        self._text.append(ev["text"])
+        self._ids.extend(ev["token_ids"])
+        self.completion_tokens += len(ev["token_ids"])
+        now = self.clock()
+        due = (ev["finished"] or self._last_send is None or self.interval_s <= 0
+               or now - self._last_send >= self.interval_s)
+        if not due:
+            return None, False
+        arrays = output_arrays(text="".join(self._text), token_ids=self._ids, prompt_tokens=self.prompt_tokens,
+                               completion_tokens=self.completion_tokens,
+                               finish_reason=ev["finish_reason"] if ev["finished"] else "")
+        self._text, self._ids, self._last_send = [], [], now
+        self.sent_responses += 1
+        return arrays, ev["finished"]
+
+
+@dataclass
+class Job:
+    """One request inside the scheduler. `chat_request` is a videochat ChatRequest (opaque here)."""
+    chat_request: Any
+    sink: Sink
+    is_cancelled: Callable[[], bool] = lambda: False
+    coalescer: StreamCoalescer | None = None
+    handle: int | None = None
+    done: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    """Read by the adapter for its metrics (plain counters; the scheduler thread is the only writer)."""
+    admitted: int = 0
+    joins: int = 0              # admitted while other sequences were mid-generation (in-flight joins)
+    steps: int = 0
+    step_sequences: int = 0     # sum over steps of active sequences (avg active = step_sequences / steps)
+    peak_active: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    failed: int = 0
+    engine_resets: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine_factory: Callable[[], Engine], *, max_active: int, stream_interval_ms: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic, log_error: Callable[[str], None] = lambda m: None,
+                 on_progress: Callable[["Scheduler"], None] | None = None) -> None:
+        if max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if stream_interval_ms < 0:
+            raise ValueError(f"stream_interval_ms must be >= 0, got {stream_interval_ms}")
+        self._factory = engine_factory
+        self.engine = engine_factory()
+        self.max_active = max_active
+        self.interval_s = stream_interval_ms / 1000.0
+        self.clock = clock
+        self.log_error = log_error
+        self.on_progress = on_progress          # called after every admit/step (metrics); must not raise
+        self.stats = SchedulerStats()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._active: dict[int, Job] = {}
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from execute() -------------------------------------------------------------------------------
+    def submit(self, jobs: Sequence[Job]) -> None:
+        with self._cv:
+            for job in jobs:
+                if job.coalescer is None:
+                    job.coalescer = StreamCoalescer(self.interval_s, clock=self.clock)
+                if self._stopping:
+                    _fail(job, "server is shutting down", UNAVAILABLE)
+                else:
+                    self._queue.append(job)
+            self._cv.notify()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="videochat-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop after its current step; every job not finished gets a final UNAVAILABLE."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._cv:
+            leftovers = list(self._queue) + list(self._active.values())
+            self._queue.clear()
+            self._active.clear()
+        for job in leftovers:
+            _fail(job, "server is shutting down", UNAVAILABLE)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._queue and not self._active:
+                    self._cv.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    return
+            try:
+                self.run_once()
+            except Exception as exc:  # noqa: BLE001 - run_once handles its own; this is a last line of defence
+                self.log_error(f"scheduler loop: {type(exc).__name__}: {exc}")
+                self._reset(f"scheduler failed: {type(exc).__name__}")
+
+    def run_once(self) -> None:
+        """One iteration: admit newcomers, check cancellations, one decode step, dispatch (tests drive this)."""
+        self._admit()
+        self._check_cancelled()
+        if self._active:
+            self._step()
+        if self.on_progress is not None:
+            self.on_progress(self)
+
+    def _take_newcomers(self) -> list[Job]:
+        with self._cv:
+            room = self.max_active - len(self._active)
+            jobs = []
+            while room > 0 and self._queue:
+                job = self._queue.popleft()
+                if job.is_cancelled():          # cancelled while queued: never encoded
+                    self._finish_cancelled_unstarted(job)
+                    continue
+                jobs.append(job)
+                room -= 1
+            return jobs
+
+    def _admit(self) -> None:
+        jobs = self._take_newcomers()
+        if not jobs:
+            return
+        running = len(self._active)
+        try:
+            handles = self.engine.add([j.chat_request for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - nothing was added: find the culprit(s) one by one
+            if len(jobs) == 1:
+                self._reject(jobs[0], exc)
+                return
+            handles = []
+            ok = []
+            for job in jobs:
+                try:
+                    handles.extend(self.engine.add([job.chat_request]))
+                    ok.append(job)
+                except Exception as one_exc:  # noqa: BLE001
+                    self._reject(job, one_exc)
+            jobs = ok
+        for job, handle in zip(jobs, handles):
+            job.handle = handle
+            self._active[handle] = job
+        self.stats.admitted += len(jobs)
+        if running:
+            self.stats.joins += len(jobs)
+        self.stats.peak_active = max(self.stats.peak_active, len(self._active))
+
+    def _reject(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, ValueError):
+            self.stats.rejected += 1
+            _fail(job, f"invalid argument: {exc}"[:500], INVALID_ARG)
+        else:
+            self.stats.failed += 1
+            self.log_error(f"engine.add failed: {type(exc).__name__}: {exc}")
+            _fail(job, f"generation failed: {type(exc).__name__}: {exc}"[:500], INTERNAL)
+
+    def _check_cancelled(self) -> None:
+        for handle, job in list(self._active.items()):
+            try:
+                cancelled = job.is_cancelled()
+            except Exception:  # noqa: BLE001 - a broken request handle: treat as gone
+                cancelled = True
+            if cancelled:
+                try:
+                    event = self.engine.cancel(handle)
+                except Exception as exc:  # noqa: BLE001
+                    self.log_error(f"engine.cancel failed: {type(exc).__name__}: {exc}")
+                    event = None
+                self.stats.cancelled += 1
+                self._active.pop(handle, None)
+                if event is None:
+                    _fail(job, "cancelled", INTERNAL)
+                else:
+                    self._dispatch(job, event)
+
+    def _step(self) -> None:
+        n = len(self._active)
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - the batch is lost, the server is not
+            self.log_error(f"engine.step failed with {n} active: {type(exc).__name__}: {exc}")
+            self._reset(f"generation failed: {type(exc).__name__}: {exc}"[:500])
+            return
+        self.stats.steps += 1
+        self.stats.step_sequences += n
+        for handle, event in events:
+            job = self._active.get(handle)
+            if job is None:
+                continue
+            self._dispatch(job, event)
+            if job.done:
+                self._active.pop(handle, None)
+
+    def _dispatch(self, job: Job, event: Any) -> None:
+        if job.done:
+            return
+        try:
+            arrays, final = job.coalescer.push(event)
+            if arrays is not None:
+                job.sink.send(arrays, final=final)
+            if final:
+                job.done = True
+        except Exception as exc:  # noqa: BLE001 - a send failed (client gone?): end this job only
+            self.log_error(f"sending a response failed: {type(exc).__name__}: {exc}")
+            _fail(job, "sending the response failed", INTERNAL)
+            if job.handle is not None and job.handle in self._active:
+                self._active.pop(job.handle, None)
+                try:
+                    self.engine.cancel(job.handle)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _finish_cancelled_unstarted(self, job: Job) -> None:
+        self.stats.cancelled += 1
+        try:
+            job.sink.send(output_arrays(text="", token_ids=[], prompt_tokens=0, completion_tokens=0,
+                                        finish_reason="cancelled"), final=True)
+            job.done = True
+        except Exception:  # noqa: BLE001
+            _fail(job, "cancelled", INTERNAL)
+
+    def _reset(self, message: str) -> None:
+        failed = list(self._active.values())
+        self._active.clear()
+        for job in failed:
+            _fail(job, message, INTERNAL)
+        self.stats.failed += len(failed)
+        self.stats.engine_resets += 1
+        try:
+            self.engine = self._factory()
+        except Exception as exc:  # noqa: BLE001 - keep the old one; the next step tells
+            self.log_error(f"engine reset failed: {type(exc).__name__}: {exc}")
+
+
+def _fail(job: Job, message: str, code: str) -> None:
+    """The job's one final response, as an error. Never raises."""
+    if job.done:
+        return
+    job.done = True
+    try:
+        job.sink.fail(message, code=code)
+    except Exception:  # noqa: BLE001 - nothing more we can do for this client
+        pass
