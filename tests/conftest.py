@@ -75,6 +75,21 @@ class TritonHandle:
         self.server = server
         self.url = grpc_url
 
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric on the server's metrics port over the series matching `labels`."""
+        import re
+        import urllib.request
+
+        ep = self.server.endpoints
+        with urllib.request.urlopen(f"http://{ep.host}:{ep.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for m in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
+            series = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            if all(series.get(k) == v for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
+
     def client(self):
         import tritonclient.grpc as grpcclient
         return grpcclient.InferenceServerClient(self.url)
@@ -120,8 +135,10 @@ def triton(tmp_path_factory):
     from videochat.server.triton import Endpoints, TritonServer, find_triton
 
     work = tmp_path_factory.mktemp("triton")
+    # stream_interval_ms 0: one response per token (tests check token-by-token delivery); the coalescing policy
+    # itself is unit-tested in test_scheduler.py
     opts = RepoOptions(checkpoint=TINY, device="cpu", max_batch_size=8, max_queue_delay_us=20000,
-                       preprocess_instances=1, extra_unary_variant=True)
+                       preprocess_instances=1, extra_unary_variant=True, stream_interval_ms=0)
     repo = render_repository(opts, work / "model_repository")
     endpoints = Endpoints("127.0.0.1", free_port(), free_port(), free_port())
     server = TritonServer(find_triton(work), repo, endpoints, log_path=work / "tritonserver.log", exit_timeout_s=10)

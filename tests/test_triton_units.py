@@ -133,3 +133,66 @@ def test_templates_carry_every_chat_field():
         assert f'input_map {{ key: "{name}" value: "REQ_{name}" }}' in ens
     public = re.findall(r'\{ name: "([a-z_]+)"', ens)
     assert public[:2] == ["video", "prompt"] and len(public) == 16 + 5
+
+
+def test_render_inflight_and_cache_parameters(tmp_path):
+    repo = render_repository(RepoOptions(checkpoint=TINY, max_batch_size=16, stream_interval_ms=0,
+                                         media_cache_mb=0, visual_cache_mb=64), tmp_path / "repo")
+    llm = (repo / "videochat_llm" / "config.pbtxt").read_text()
+    pre = (repo / "preprocessing" / "config.pbtxt").read_text()
+    for key, value in [("batching", "inflight"), ("max_active", "16"), ("stream_interval_ms", "0"),
+                       ("visual_cache_mb", "64")]:
+        assert f'key: "{key}" value: {{ string_value: "{value}" }}' in llm
+    assert 'key: "media_cache_mb" value: { string_value: "0" }' in pre
+    assert "dynamic_batching {" in llm and "max_batch_size: 16" in llm
+    with pytest.raises(ValueError, match="batching"):
+        RepoOptions(checkpoint=TINY, batching="continuous")
+
+
+def test_llm_settings_inflight_defaults():
+    config = {"parameters": {"checkpoint_path": {"string_value": str(TINY)}}, "max_batch_size": 12,
+              "model_transaction_policy": {"decoupled": True}}
+    s = LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
+    assert (s.inflight, s.max_active, s.stream_interval_ms, s.visual_cache_bytes) == (True, 12, 20, 0)
+    config["parameters"]["batching"] = {"string_value": "static"}
+    config["parameters"]["stream_interval_ms"] = {"string_value": "-1"}
+    with pytest.raises(SettingsError, match="stream_interval_ms"):
+        LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
+    del config["parameters"]["stream_interval_ms"]
+    assert not LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"}).inflight
+
+
+def test_media_key_and_cache():
+    from videochat.serving.preprocess import MediaCache, media_key
+    from videochat.serving.requests import MediaOptions
+
+    assert media_key(b"abc", MediaOptions()) == media_key(b"abc", MediaOptions())
+    keys = {media_key(b"abc", MediaOptions()), media_key(b"abd", MediaOptions()),
+            media_key(b"abc", MediaOptions(image=True)), media_key(b"abc", MediaOptions(num_segments=4)),
+            media_key(b"abc", MediaOptions(padding=True)), media_key(b"abc", MediaOptions(hd_num=2))}
+    assert len(keys) == 6
+    cache = MediaCache(max_bytes=250)
+    for k in "abc":
+        cache.put(k, np.zeros(100, np.uint8), b"")
+    assert cache.get("a") is None and cache.get("b") is not None and cache.bytes == 200
+    cache.put("d", np.zeros(100, np.uint8), b"")        # evicts c (b was used more recently)
+    assert cache.get("c") is None and cache.get("b") is not None
+    assert (cache.hits, cache.misses) == (2, 2)
+    cache.put("huge", np.zeros(1000, np.uint8), b"")    # larger than the budget: not stored
+    assert cache.get("huge") is None and len(cache) == 2
+
+
+def test_preprocess_request_uses_the_cache_and_reports_media_key():
+    from videochat.serving.preprocess import MediaCache, preprocess_request
+    from videochat.serving.settings import PreprocessSettings
+
+    tensors = {"VIDEO": np.array([[(TINY / "videos" / "example1.mp4").read_bytes()]], dtype=object),
+               "PROMPT": b("hi"), "IMAGE": np.array([[True]])}
+    cache = MediaCache(64 << 20)
+    first = preprocess_request(getter_from_mapping(tensors), PreprocessSettings(), cache)
+    second = preprocess_request(getter_from_mapping({**tensors, "PROMPT": b("again")}), PreprocessSettings(), cache)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert np.array_equal(first["PIXEL_VALUES"], second["PIXEL_VALUES"])
+    info = json.loads(second["MEDIA_INFO"][0, 0])
+    assert info["media_key"].startswith("sha256:") and info["media_type"] == "image"
+    assert second["REQ_PROMPT"][0, 0] == b"again"

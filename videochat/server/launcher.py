@@ -2,7 +2,8 @@
 
     python -m videochat serve [--checkpoint DIR] [--device auto|cpu|cuda] [--host 127.0.0.1]
         [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
-        [--decoupled-mode true|false] [--work-dir DIR]
+        [--decoupled-mode true|false] [--batching inflight|static] [--stream-interval-ms 20]
+        [--media-cache-mb 512] [--visual-cache-mb 256] [--work-dir DIR]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
 interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; start the
@@ -44,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU video-decoding instances")
     p.add_argument("--decoupled-mode", choices=("true", "false"), default="true",
                    help="true: stream tokens (stream_infer); false: one response per request (plain ModelInfer)")
+    p.add_argument("--batching", choices=("inflight", "static"), default="inflight",
+                   help="decoupled mode: inflight = new requests join the running batch between decode steps; "
+                        "static = one batch per execute, runs to its longest answer")
+    p.add_argument("--max-active", type=int, default=0,
+                   help="in-flight batching: most sequences in the running batch (default: --max-batch-size)")
+    p.add_argument("--stream-interval-ms", type=int, default=20,
+                   help="in-flight streaming: first token at once, then merge tokens for at least this long "
+                        "per response (0 = one response per token)")
+    p.add_argument("--media-cache-mb", type=int, default=512,
+                   help="per preprocessing instance: LRU of decoded videos by content hash (0 = off)")
+    p.add_argument("--visual-cache-mb", type=int, default=256,
+                   help="per videochat_llm instance: LRU of visual tokens by content hash, skips ViT + QFormer "
+                        "for a repeated video (0 = off)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_new_tokens accepted")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -84,7 +98,9 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                        instances=args.instances, preprocess_instances=args.preprocess_instances,
                        decoupled=args.decoupled_mode == "true", dtype=args.dtype,
-                       max_new_tokens_limit=args.max_new_tokens_limit)
+                       max_new_tokens_limit=args.max_new_tokens_limit, batching=args.batching,
+                       max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
+                       media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb)
 
 
 def main(argv: list[str] | None = None) -> int:

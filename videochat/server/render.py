@@ -10,7 +10,9 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from videochat.serving.settings import DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES, DTYPES
+from videochat.serving.settings import (BATCHING_MODES, DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES,
+                                       DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS, DEFAULT_VISUAL_CACHE_MB,
+                                       DTYPES)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -33,6 +35,11 @@ class RepoOptions:
     dtype: str = "auto"
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    batching: str = "inflight"              # decoupled only: "inflight" (joins between steps) or "static"
+    max_active: int = 0                     # running-batch limit of in-flight batching; 0 = max_batch_size
+    stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed tokens; 0 = every token
+    media_cache_mb: int = DEFAULT_MEDIA_CACHE_MB            # preprocessing output cache per instance; 0 = off
+    visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB          # visual-token cache per llm instance; 0 = off
     # Test/CPU convenience: also serve `videochat_unary` (-> `videochat_llm_unary`, decoupled false) next to
     # the decoupled pair, sharing preprocessing. Costs a second copy of the model, so not for GPUs.
     extra_unary_variant: bool = False
@@ -46,6 +53,11 @@ class RepoOptions:
                      "max_video_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        for name in ("max_active", "stream_interval_ms", "media_cache_mb", "visual_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if not (Path(self.checkpoint) / "config.json").is_file():
@@ -60,7 +72,8 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
     out_dir.mkdir(parents=True)
     common = {"max_batch_size": opts.max_batch_size, "max_new_tokens_limit": opts.max_new_tokens_limit}
     _render_model(source / PREPROCESSING, out_dir / PREPROCESSING, {
-        **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes})
+        **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes,
+        "media_cache_mb": opts.media_cache_mb})
     variants = [("", opts.decoupled)] + ([(UNARY_SUFFIX, False)] if opts.extra_unary_variant else [])
     for suffix, decoupled in variants:
         _render_model(source / LLM, out_dir / (LLM + suffix), {
@@ -68,7 +81,9 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
             "dynamic_batching": (f"dynamic_batching {{ max_queue_delay_microseconds: {opts.max_queue_delay_us} }}"
                                  if opts.max_batch_size > 1 else "# max_batch_size 1: no dynamic batching"),
             "instances": opts.instances, "instance_kind": "KIND_GPU" if opts.device == "cuda" else "KIND_CPU",
-            "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype})
+            "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype,
+            "batching": opts.batching, "max_active": opts.max_active or opts.max_batch_size,
+            "stream_interval_ms": opts.stream_interval_ms, "visual_cache_mb": opts.visual_cache_mb})
         _render_model(source / ENSEMBLE, out_dir / (ENSEMBLE + suffix), {
             **common, "name": ENSEMBLE + suffix, "llm_name": LLM + suffix})
     return out_dir

@@ -1,34 +1,98 @@
-"""Custom Prometheus metrics of videochat_llm (exported on Triton's metrics port next to nv_inference_*).
+"""Custom Prometheus metrics of the python models (exported on Triton's metrics port next to nv_inference_*).
 
-`pb_utils` is passed in so this module imports without Triton.
+`pb_utils` is passed in so this module imports without Triton. Counters that live in plain objects (cache
+hit/miss counts, scheduler stats) are mirrored with `sync(...)`: the metric is incremented by the difference since
+the last sync, so the hot path only bumps Python ints and the IPC to the server happens at most every
+`SYNC_INTERVAL_S`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+SYNC_INTERVAL_S = 0.1
+
+
+class _Family:
+    def __init__(self, pb_utils: Any, labels: Mapping[str, str]) -> None:
+        self.pb = pb_utils
+        self.labels = dict(labels)
+        self.families = []   # a MetricFamily must outlive its Metrics, so keep them
+
+    def metric(self, name: str, description: str, kind: str, **kwargs) -> Any:
+        family = self.pb.MetricFamily(name=name, description=description,
+                                      kind=getattr(self.pb.MetricFamily, kind))
+        self.families.append(family)
+        return family.Metric(labels=self.labels, **kwargs)
+
+
+class Mirror:
+    """Cumulative plain counters -> Prometheus counters (increment by the delta) and gauges (set)."""
+
+    def __init__(self) -> None:
+        self._counters: list[tuple[Any, Callable[[], int], list[int]]] = []
+        self._gauges: list[tuple[Any, Callable[[], float], list[float | None]]] = []
+        self._last = 0.0
+
+    def counter(self, metric: Any, read: Callable[[], int]) -> None:
+        self._counters.append((metric, read, [0]))
+
+    def gauge(self, metric: Any, read: Callable[[], float]) -> None:
+        self._gauges.append((metric, read, [None]))
+
+    def sync(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < SYNC_INTERVAL_S:
+            return
+        self._last = now
+        for metric, read, last in self._counters:
+            value = int(read())
+            if value > last[0]:
+                metric.increment(value - last[0])
+            last[0] = value
+        for metric, read, last in self._gauges:
+            value = float(read())
+            if value != last[0]:
+                metric.set(value)
+                last[0] = value
 
 
 class LLMMetrics:
-    def __init__(self, pb_utils: Any, *, model: str) -> None:
-        labels = {"model": model}
-        self._families = []   # a MetricFamily must outlive its Metrics, so keep them
-
-        def counter(name: str, description: str) -> Any:
-            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-            self._families.append(family)
-            return family.Metric(labels=labels)
-
-        self.videos = counter("videochat_videos_encoded_total", "Videos run through the vision encoder")
-        self.images = counter("videochat_images_encoded_total", "Images run through the vision encoder")
-        self.clips = counter("videochat_clips_encoded_total", "Clips (HD tiles + global view) encoded")
-        self.prompt_tokens = counter("videochat_prompt_tokens_total", "LLM prompt tokens, visual ones included")
-        self.generated_tokens = counter("videochat_generated_tokens_total", "Tokens generated")
-        self.rejected = counter("videochat_requests_rejected_total", "Requests rejected as INVALID_ARGUMENT")
-        hist = pb_utils.MetricFamily(name="videochat_batch_size", description="Requests per generate_stream call",
-                                     kind=pb_utils.MetricFamily.HISTOGRAM)
-        self._families.append(hist)
-        self.batch_size = hist.Metric(labels=labels, buckets=BATCH_BUCKETS)
+    def __init__(self, pb_utils: Any, *, model: str, instance: str = "") -> None:
+        f = _Family(pb_utils, {"model": model})
+        self._f = f
+        g = _Family(pb_utils, {"model": model, "instance": instance})   # per-instance values (gauges, caches)
+        self._g = g
+        self.videos = f.metric("videochat_videos_encoded_total", "Videos run through the vision encoder", "COUNTER")
+        self.images = f.metric("videochat_images_encoded_total", "Images run through the vision encoder", "COUNTER")
+        self.clips = f.metric("videochat_clips_encoded_total", "Clips (HD tiles + global view) encoded", "COUNTER")
+        self.prompt_tokens = f.metric("videochat_prompt_tokens_total", "LLM prompt tokens, visual ones included",
+                                      "COUNTER")
+        self.generated_tokens = f.metric("videochat_generated_tokens_total", "Tokens generated", "COUNTER")
+        self.rejected = f.metric("videochat_requests_rejected_total", "Requests rejected as INVALID_ARGUMENT",
+                                 "COUNTER")
+        self.batch_size = f.metric("videochat_batch_size",
+                                   "Requests per batch call (static: generate_stream; in-flight: engine.add)",
+                                   "HISTOGRAM", buckets=BATCH_BUCKETS)
+        # in-flight batching (scheduler) and the engine's visual-token cache
+        self.active = g.metric("videochat_active_sequences", "Sequences in the running batch now", "GAUGE")
+        self.peak_active = g.metric("videochat_active_sequences_peak", "Largest running batch since start",
+                                    "GAUGE")
+        self.queued = g.metric("videochat_queued_requests", "Requests waiting to join the running batch", "GAUGE")
+        self.joins = g.metric("videochat_inflight_joins_total",
+                              "Requests that joined while other sequences were mid-generation", "COUNTER")
+        self.steps = g.metric("videochat_decode_steps_total", "Decode steps of the running batch", "COUNTER")
+        self.step_sequences = g.metric("videochat_decode_step_sequences_total",
+                                       "Sum over decode steps of active sequences (/ steps = mean batch)", "COUNTER")
+        self.cancelled = g.metric("videochat_requests_cancelled_total", "Requests cancelled by the client",
+                                  "COUNTER")
+        self.failed = g.metric("videochat_requests_failed_total", "Requests failed with INTERNAL", "COUNTER")
+        self.visual_hits = g.metric("videochat_visual_cache_hits_total",
+                                    "Visual tokens taken from the cache (ViT + QFormer skipped)", "COUNTER")
+        self.visual_misses = g.metric("videochat_visual_cache_misses_total", "Visual-token cache misses",
+                                      "COUNTER")
+        self.mirror = Mirror()
 
     def on_batch(self, stats: Mapping[str, int]) -> None:
         self.batch_size.observe(stats["requests"])
@@ -39,3 +103,42 @@ class LLMMetrics:
     def on_final(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.increment(prompt_tokens)
         self.generated_tokens.increment(completion_tokens)
+
+    def watch_scheduler(self, scheduler: Any) -> None:
+        s = scheduler.stats
+        self.mirror.gauge(self.active, lambda: scheduler.num_active)
+        self.mirror.gauge(self.queued, lambda: scheduler.num_queued)
+        self.mirror.gauge(self.peak_active, lambda: s.peak_active)
+        self.mirror.counter(self.joins, lambda: s.joins)
+        self.mirror.counter(self.steps, lambda: s.steps)
+        self.mirror.counter(self.step_sequences, lambda: s.step_sequences)
+        self.mirror.counter(self.cancelled, lambda: s.cancelled)
+        self.mirror.counter(self.rejected, lambda: s.rejected)
+        self.mirror.counter(self.failed, lambda: s.failed)
+
+    def watch_visual_cache(self, cache: Any) -> None:
+        self.mirror.counter(self.visual_hits, lambda: _cache_count(cache, "hits"))
+        self.mirror.counter(self.visual_misses, lambda: _cache_count(cache, "misses"))
+
+
+def _cache_count(cache: Any, name: str) -> int:
+    """`cache.hits`, or `cache.stats.hits` (property or method) as videochat.visual_cache has it."""
+    if hasattr(cache, name):
+        return int(getattr(cache, name))
+    stats = getattr(cache, "stats")
+    stats = stats() if callable(stats) else stats
+    return int(getattr(stats, name))
+
+
+class PreprocessMetrics:
+    def __init__(self, pb_utils: Any, *, model: str, instance: str, cache: Any) -> None:
+        f = _Family(pb_utils, {"model": model, "instance": instance})   # one cache per instance (process)
+        self._f = f
+        self.mirror = Mirror()
+        self.mirror.counter(f.metric("videochat_media_cache_hits_total",
+                                     "Preprocessed media taken from the cache (decoding skipped)", "COUNTER"),
+                            lambda: cache.hits)
+        self.mirror.counter(f.metric("videochat_media_cache_misses_total", "Media cache misses", "COUNTER"),
+                            lambda: cache.misses)
+        self.mirror.gauge(f.metric("videochat_media_cache_bytes", "Bytes held by the media cache", "GAUGE"),
+                          lambda: cache.bytes)

@@ -1,19 +1,75 @@
-"""preprocessing model's logic: one request's inputs -> PIXEL_VALUES, MEDIA_INFO and the REQ_* chat fields."""
+"""preprocessing model's logic: one request's inputs -> PIXEL_VALUES, MEDIA_INFO and the REQ_* chat fields.
+
+Multi-turn conversations re-send the same video every turn (the API is stateless), so the outputs are cached by
+content: `media_key` = sha256 of the bytes + every option that changes the pixels. The key also goes into
+MEDIA_INFO, where videochat_llm uses it for the engine's cache of visual tokens (skips ViT + QFormer).
+"""
 from __future__ import annotations
+
+import collections
+import hashlib
+import threading
 
 import numpy as np
 
-from videochat.serving.requests import (Getter, RequestError, chat_fields_to_arrays, media_info_json,
-                                        parse_chat_fields, parse_media_options, video_bytes)
+from videochat.serving.requests import (Getter, MediaOptions, RequestError, chat_fields_to_arrays,
+                                        media_info_json, parse_chat_fields, parse_media_options, video_bytes)
 from videochat.serving.settings import PreprocessSettings
 
 RESOLUTION = 224  # the model's input size; PIXEL_VALUES dims in config.pbtxt say the same
 
 
-def preprocess_request(get: Getter, settings: PreprocessSettings) -> dict[str, np.ndarray]:
-    """Check the chat fields first (cheap), then decode. PIXEL_VALUES: fp16 [1, clips, T, 3, 224, 224]."""
-    from preprocessing import VideoDecodeError, preprocess
+def media_key(data: bytes, opts: MediaOptions) -> str:
+    """Content address of the preprocessed media: same bytes + same options -> same pixels."""
+    digest = hashlib.sha256(data).hexdigest()
+    return (f"sha256:{digest}:image={int(opts.image)}:num_segments={opts.num_segments}:hd_num={opts.hd_num}"
+            f":padding={int(opts.padding)}:resolution={RESOLUTION}")
 
+
+class MediaCache:
+    """Thread-safe LRU of (PIXEL_VALUES, MEDIA_INFO) by media_key, bounded by the pixels' bytes.
+    `max_bytes == 0` turns it off. Cached arrays are read-only (they are shared by the hits)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+        self.bytes = 0
+        self._items: collections.OrderedDict[str, tuple[np.ndarray, bytes]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[np.ndarray, bytes] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: str, pixels: np.ndarray, info: bytes) -> None:
+        size = pixels.nbytes + len(info)
+        if size > self.max_bytes:
+            return
+        pixels.setflags(write=False)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[0].nbytes + len(old[1])
+            self._items[key] = (pixels, info)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (p, i) = self._items.popitem(last=False)
+                self.bytes -= p.nbytes + len(i)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def preprocess_request(get: Getter, settings: PreprocessSettings,
+                       cache: MediaCache | None = None) -> dict[str, np.ndarray]:
+    """Check the chat fields first (cheap), then decode (or take the cached result).
+    PIXEL_VALUES: fp16 [1, clips, T, 3, 224, 224]; MEDIA_INFO: JSON metadata + media_type + media_key."""
     chat = parse_chat_fields(get, max_new_tokens_limit=settings.max_new_tokens_limit)
     opts = parse_media_options(get)
     data = video_bytes(get)
@@ -21,6 +77,22 @@ def preprocess_request(get: Getter, settings: PreprocessSettings) -> dict[str, n
         raise RequestError("video is empty (0 bytes)")
     if len(data) > settings.max_video_bytes:
         raise RequestError(f"video is {len(data)} bytes, the limit is {settings.max_video_bytes}")
+    key = media_key(data, opts)
+    cached = cache.get(key) if cache is not None and cache.max_bytes > 0 else None
+    if cached is not None:
+        pixels, info = cached
+    else:
+        pixels, info = _decode(data, opts, key)
+        if cache is not None and cache.max_bytes > 0:
+            cache.put(key, pixels, info)
+    out = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[info]], dtype=np.object_)}
+    out.update(chat_fields_to_arrays(chat))
+    return out
+
+
+def _decode(data: bytes, opts: MediaOptions, key: str) -> tuple[np.ndarray, bytes]:
+    from preprocessing import VideoDecodeError, preprocess
+
     try:
         result = preprocess(data, num_segments=opts.num_segments, resolution=RESOLUTION, hd_num=opts.hd_num,
                             padding=opts.padding, image=opts.image)
@@ -28,14 +100,9 @@ def preprocess_request(get: Getter, settings: PreprocessSettings) -> dict[str, n
         raise RequestError(f"bad video: {exc}") from None
     except ValueError as exc:
         raise RequestError(f"bad media options: {exc}") from None
-    pixels = result.pixel_values.to(dtype=_float16()).numpy()
-    out = {
-        "PIXEL_VALUES": np.ascontiguousarray(pixels),
-        "MEDIA_INFO": np.array([[media_info_json(result.metadata.to_dict(),
-                                                 media_type="image" if opts.image else "video")]], dtype=np.object_),
-    }
-    out.update(chat_fields_to_arrays(chat))
-    return out
+    pixels = np.ascontiguousarray(result.pixel_values.to(dtype=_float16()).numpy())
+    metadata = dict(result.metadata.to_dict(), media_key=key)
+    return pixels, media_info_json(metadata, media_type="image" if opts.image else "video")
 
 
 def _float16():

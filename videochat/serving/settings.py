@@ -14,6 +14,11 @@ from typing import Any, Mapping
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
 DEFAULT_MAX_VIDEO_BYTES = 256 * 1024 * 1024
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING_MODES = ("inflight", "static")   # decoupled only: scheduler thread (joins between steps) or per execute
+DEFAULT_STREAM_INTERVAL_MS = 20
+DEFAULT_MEDIA_CACHE_MB = 512
+DEFAULT_VISUAL_CACHE_MB = 256
+MB = 1024 * 1024
 # Parameters the python backend itself reads; allowed in any config.
 _BACKEND_PARAMETERS = {"EXECUTION_ENV_PATH"}
 
@@ -41,18 +46,31 @@ def _positive_int(params: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def _non_negative_int(params: Mapping[str, str], key: str, default: int) -> int:
+    raw = params.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"parameter {key} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"parameter {key} must be >= 0, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class PreprocessSettings:
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    media_cache_bytes: int = 0          # LRU of preprocessed outputs keyed by media_key; 0 = off
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "PreprocessSettings":
         params = config_parameters(json.loads(args["model_config"]),
-                                   known={"max_video_bytes", "max_new_tokens_limit"})
+                                   known={"max_video_bytes", "max_new_tokens_limit", "media_cache_mb"})
         return cls(max_video_bytes=_positive_int(params, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES),
                    max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
-                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT))
+                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT),
+                   media_cache_bytes=_non_negative_int(params, "media_cache_mb", 0) * MB)
 
 
 @dataclass(frozen=True)
@@ -62,11 +80,20 @@ class LLMSettings:
     dtype: str                  # one of DTYPES; "auto" = the model's default (fp32 on CPU, bf16 on GPU)
     decoupled: bool             # model_transaction_policy.decoupled: stream tokens or one final response
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    batching: str = "inflight"          # BATCHING_MODES; only used when decoupled
+    max_active: int = 1                 # sequences in the running batch (in-flight); default max_batch_size
+    stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed deltas (0 = every token)
+    visual_cache_bytes: int = 0         # engine's VisualCache budget; 0 = off
+
+    @property
+    def inflight(self) -> bool:
+        return self.decoupled and self.batching == "inflight"
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "LLMSettings":
         config = json.loads(args["model_config"])
-        params = config_parameters(config, known={"checkpoint_path", "dtype", "max_new_tokens_limit"})
+        params = config_parameters(config, known={"checkpoint_path", "dtype", "max_new_tokens_limit", "batching",
+                                                  "max_active", "stream_interval_ms", "visual_cache_mb"})
         checkpoint = params.get("checkpoint_path", "")
         if not checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
             raise SettingsError(f"parameter checkpoint_path must be a checkpoint directory with config.json, "
@@ -79,6 +106,13 @@ class LLMSettings:
             raise SettingsError(f"instance kind must be KIND_CPU or KIND_GPU, got {kind}")
         device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
         decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
+        batching = params.get("batching", "inflight")
+        if batching not in BATCHING_MODES:
+            raise SettingsError(f"parameter batching must be one of {BATCHING_MODES}, got {batching!r}")
+        max_active = _non_negative_int(params, "max_active", 0) or max(1, int(config.get("max_batch_size", 1)))
         return cls(checkpoint=checkpoint, device=device, dtype=dtype, decoupled=decoupled,
                    max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
-                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT))
+                                                      DEFAULT_MAX_NEW_TOKENS_LIMIT),
+                   batching=batching, max_active=max_active,
+                   stream_interval_ms=_non_negative_int(params, "stream_interval_ms", DEFAULT_STREAM_INTERVAL_MS),
+                   visual_cache_bytes=_non_negative_int(params, "visual_cache_mb", 0) * MB)

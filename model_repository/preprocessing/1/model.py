@@ -4,7 +4,8 @@ Logic lives in videochat/serving/preprocess.py; this file only converts tensors 
 """
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.preprocess import preprocess_request
+from videochat.serving.metrics import PreprocessMetrics
+from videochat.serving.preprocess import MediaCache, preprocess_request
 from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.settings import PreprocessSettings
 
@@ -13,10 +14,15 @@ class TritonPythonModel:
     def initialize(self, args):
         self.settings = PreprocessSettings.from_args(args)
         self.logger = pb_utils.Logger
+        self.cache = MediaCache(self.settings.media_cache_bytes)
+        self.metrics = PreprocessMetrics(pb_utils, model=args["model_name"],
+                                         instance=args.get("model_instance_name", ""), cache=self.cache)
         self.logger.log_info(f"preprocessing ready: {self.settings}")
 
     def execute(self, requests):
-        return [self._one(request) for request in requests]
+        responses = [self._one(request) for request in requests]
+        self.metrics.mirror.sync(force=True)
+        return responses
 
     def _one(self, request):
         def get(name):
@@ -24,7 +30,7 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         try:
-            arrays = preprocess_request(get, self.settings)
+            arrays = preprocess_request(get, self.settings, self.cache)
         except RequestError as exc:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))
