@@ -160,7 +160,6 @@ def prefill(model, slots: Sequence[_Slot], visual: Sequence[torch.Tensor]) -> _B
     inputs_embeds, mask = left_pad(embeds)
     positions = positions_from_mask(mask)
     cache = DynamicCache(config=model.llm.config)
-    _check_full_attention(cache)
     logits = forward_last_logits(model, inputs_embeds, mask, positions, cache)
     return _Batch(cache=cache, mask=mask, next_position=positions[:, -1] + 1, logits=logits)
 
@@ -211,6 +210,7 @@ class GenerationEngine:
     """
 
     def __init__(self, model, *, visual_cache: VisualCache | None = None):
+        _check_full_attention(DynamicCache(config=model.llm.config))
         self.model = model
         self.visual_cache = visual_cache
         self._eos_ids = eos_token_ids(model)
