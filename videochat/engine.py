@@ -292,21 +292,21 @@ class GenerationEngine:
         that repeats within the call is encoded once)."""
         cache = self.visual_cache
         keys = [VisualKey.of(r) for r in requests]
-        out: list[torch.Tensor | None] = [cache.get(k) if cache is not None and k is not None else None
-                                          for k in keys]
-        misses: dict[object, list[int]] = {}   # one encode per distinct key; keyless requests never share
+        out = [cache.get(k) if cache is not None and k is not None else None for k in keys]
+        misses: dict[object, list[int]] = {}   # distinct key -> request indices; keyless requests never share
         for i, (key, tokens) in enumerate(zip(keys, out)):
             if tokens is None:
                 misses.setdefault(key if key is not None else ("no-key", i), []).append(i)
-        if misses:
-            first = [rows[0] for rows in misses.values()]
-            model = self.model
-            encoded = model.encode_media([requests[i].media.to(device=model.device, dtype=model.dtype) for i in first],
-                                         [requests[i].media_type.value for i in first],
-                                         [requests[i].instruction for i in first])
-            for rows, tokens in zip(misses.values(), encoded):
-                for i in rows:
-                    out[i] = tokens
-                if cache is not None and keys[rows[0]] is not None:
-                    cache.put(keys[rows[0]], tokens)
+        encoded = self._encode([requests[indices[0]] for indices in misses.values()]) if misses else []
+        for indices, tokens in zip(misses.values(), encoded):
+            for i in indices:
+                out[i] = tokens
+            if cache is not None and keys[indices[0]] is not None:
+                cache.put(keys[indices[0]], tokens)
         return out
+
+    def _encode(self, requests: Sequence[ChatRequest]) -> list[torch.Tensor]:
+        """One vision pass (ViT + QFormer + project_up) for all `requests`: [clips*96, H] each."""
+        model = self.model
+        return model.encode_media([r.media.to(device=model.device, dtype=model.dtype) for r in requests],
+                                  [r.media_type.value for r in requests], [r.instruction for r in requests])
