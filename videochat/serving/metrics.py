@@ -88,6 +88,11 @@ class LLMMetrics:
         self.cancelled = g.metric("videochat_requests_cancelled_total", "Requests cancelled by the client",
                                   "COUNTER")
         self.failed = g.metric("videochat_requests_failed_total", "Requests failed with INTERNAL", "COUNTER")
+        self.add_us = g.metric("videochat_scheduler_add_us_total", "Time in engine.add (vision + prefill)", "COUNTER")
+        self.step_us = g.metric("videochat_scheduler_step_us_total", "Time in engine.step (decode)", "COUNTER")
+        self.send_us = g.metric("videochat_scheduler_send_us_total", "Time coalescing + sending responses",
+                                "COUNTER")
+        self.responses = g.metric("videochat_stream_responses_total", "Streamed responses sent", "COUNTER")
         self.visual_hits = g.metric("videochat_visual_cache_hits_total",
                                     "Visual tokens taken from the cache (ViT + QFormer skipped)", "COUNTER")
         self.visual_misses = g.metric("videochat_visual_cache_misses_total", "Visual-token cache misses",
@@ -115,6 +120,10 @@ class LLMMetrics:
         self.mirror.counter(self.cancelled, lambda: s.cancelled)
         self.mirror.counter(self.rejected, lambda: s.rejected)
         self.mirror.counter(self.failed, lambda: s.failed)
+        self.mirror.counter(self.add_us, lambda: int(s.add_s * 1e6))
+        self.mirror.counter(self.step_us, lambda: int(s.step_s * 1e6))
+        self.mirror.counter(self.send_us, lambda: int(s.send_s * 1e6))
+        self.mirror.counter(self.responses, lambda: s.responses)
 
     def watch_visual_cache(self, cache: Any) -> None:
         self.mirror.counter(self.visual_hits, lambda: _cache_count(cache, "hits"))

@@ -104,6 +104,10 @@ class SchedulerStats:
     rejected: int = 0
     failed: int = 0
     engine_resets: int = 0
+    add_s: float = 0.0          # time in engine.add (vision + prefill of newcomers)
+    step_s: float = 0.0         # time in engine.step (one decode forward of the running batch)
+    send_s: float = 0.0         # time coalescing and sending responses
+    responses: int = 0          # non-error responses sent
 
 
 class Scheduler:
@@ -208,10 +212,12 @@ class Scheduler:
         if not jobs:
             return
         running = len(self._active)
+        t0 = time.perf_counter()
         try:
             handles = self.engine.add([j.chat_request for j in jobs])
         except Exception as exc:  # noqa: BLE001 - nothing was added: find the culprit(s) one by one
             if len(jobs) == 1:
+                self.stats.add_s += time.perf_counter() - t0
                 self._reject(jobs[0], exc)
                 return
             handles = []
@@ -223,6 +229,7 @@ class Scheduler:
                 except Exception as one_exc:  # noqa: BLE001
                     self._reject(job, one_exc)
             jobs = ok
+        self.stats.add_s += time.perf_counter() - t0
         for job, handle in zip(jobs, handles):
             job.handle = handle
             self._active[handle] = job
@@ -261,12 +268,14 @@ class Scheduler:
 
     def _step(self) -> None:
         n = len(self._active)
+        t0 = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - the batch is lost, the server is not
             self.log_error(f"engine.step failed with {n} active: {type(exc).__name__}: {exc}")
             self._reset(f"generation failed: {type(exc).__name__}: {exc}"[:500])
             return
+        t1 = time.perf_counter()
         self.stats.steps += 1
         self.stats.step_sequences += n
         for handle, event in events:
@@ -276,6 +285,8 @@ class Scheduler:
             self._dispatch(job, event)
             if job.done:
                 self._active.pop(handle, None)
+        self.stats.step_s += t1 - t0
+        self.stats.send_s += time.perf_counter() - t1
 
     def _dispatch(self, job: Job, event: Any) -> None:
         if job.done:
@@ -284,6 +295,7 @@ class Scheduler:
             arrays, final = job.coalescer.push(event)
             if arrays is not None:
                 job.sink.send(arrays, final=final)
+                self.stats.responses += 1
             if final:
                 job.done = True
         except Exception as exc:  # noqa: BLE001 - a send failed (client gone?): end this job only
