@@ -16,22 +16,32 @@ def load(name: str):
 
 def rows() -> list[tuple[str, str, str, str]]:
     out = []
-    b = load("batching.json")
-    if b:
+    for bname in ("batching.json", "batching_multiturn.json"):
+        b = load(bname)
+        if not b:
+            continue
         for name, w in b["workloads"].items():
-            r, on, off = w["ratio"], w["requests_per_second"]["batching"], w["requests_per_second"]["no_batching"]
+            r, rps = w["ratio"], w["requests_per_second"]
+            on, off = rps["batching"], rps["no_batching"]
             wl = w["workload"]
-            what = (f"dynamic batching gain, {name} ({Path(wl['file']).name}, {wl['max_new_tokens']} new tokens, "
-                    f"greedy, concurrency {wl['concurrency']}, CPU, demo checkpoint)")
+            turns = wl.get("turns", 1)
+            sessions = (f"{turns}-turn sessions, own media per session" if wl.get("distinct_media_per_session")
+                        else "one media file for all")
+            what = (f"batching gain, {name} ({Path(wl['file']).name}, {wl['max_new_tokens']} new tokens, greedy, "
+                    f"concurrency {wl['concurrency']}, {sessions}, CPU, demo checkpoint)")
             res = (f"**{r['median']:.2f}x** (min-max {r['min']:.2f}-{r['max']:.2f}, {r['n']} rounds): "
                    f"{on['median']:.2f} vs {off['median']:.2f} req/s")
+            if "inflight_over_static" in w:
+                res += (f"; in-flight vs the old static batching at the same batch size: "
+                        f"**{w['inflight_over_static']['median']:.2f}x** ({rps['static']['median']:.2f} req/s)")
             out.append((what, res, ">= 4x", f"`{b['command'].strip()}`"))
     for fname in ("server_overhead.json", "server_overhead_image.json"):
         o = load(fname)
         if o:
             r, lat = o["ratio_per_run"], o["latency_ms"]
             what = (f"server overhead, one {o['media_type']} request, {o['max_new_tokens']} new tokens "
-                    f"(ensemble vs in-process, concurrency 1, CPU)")
+                    f"(ensemble vs in-process, concurrency 1, CPU"
+                    f"{', server caches on' if o.get('server_caches') else ''})")
             res = (f"**{o['ratio_of_medians']:.2f}x** ({lat['server']['median']:.0f} vs "
                    f"{lat['in_process']['median']:.0f} ms; per-run {r['min']:.2f}-{r['max']:.2f}, n={r['n']})")
             out.append((what, res, "<= 1.2x", f"`{o['command'].strip()}`"))

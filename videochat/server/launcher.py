@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-cache-mb", type=int, default=256,
                    help="per videochat_llm instance: LRU of visual tokens by content hash, skips ViT + QFormer "
                         "for a repeated video (0 = off)")
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="CPU, in-flight: torch intra-op threads of a decode step (vision/prefill keep torch's "
+                        "default); 0 = torch's default for both")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_new_tokens accepted")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -100,7 +103,8 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        decoupled=args.decoupled_mode == "true", dtype=args.dtype,
                        max_new_tokens_limit=args.max_new_tokens_limit, batching=args.batching,
                        max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
-                       media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb)
+                       media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb,
+                       decode_threads=args.decode_threads)
 
 
 def main(argv: list[str] | None = None) -> int:

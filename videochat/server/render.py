@@ -40,6 +40,7 @@ class RepoOptions:
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed tokens; 0 = every token
     media_cache_mb: int = DEFAULT_MEDIA_CACHE_MB            # preprocessing output cache per instance; 0 = off
     visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB          # visual-token cache per llm instance; 0 = off
+    decode_threads: int = 1                 # CPU in-flight: intra-op threads of a decode step; 0 = torch default
     # Test/CPU convenience: also serve `videochat_unary` (-> `videochat_llm_unary`, decoupled false) next to
     # the decoupled pair, sharing preprocessing. Costs a second copy of the model, so not for GPUs.
     extra_unary_variant: bool = False
@@ -55,7 +56,7 @@ class RepoOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
-        for name in ("max_active", "stream_interval_ms", "media_cache_mb", "visual_cache_mb"):
+        for name in ("max_active", "stream_interval_ms", "media_cache_mb", "visual_cache_mb", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_queue_delay_us < 0:
@@ -83,7 +84,8 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
             "instances": opts.instances, "instance_kind": "KIND_GPU" if opts.device == "cuda" else "KIND_CPU",
             "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype,
             "batching": opts.batching, "max_active": opts.max_active or opts.max_batch_size,
-            "stream_interval_ms": opts.stream_interval_ms, "visual_cache_mb": opts.visual_cache_mb})
+            "stream_interval_ms": opts.stream_interval_ms, "visual_cache_mb": opts.visual_cache_mb,
+            "decode_threads": opts.decode_threads})
         _render_model(source / ENSEMBLE, out_dir / (ENSEMBLE + suffix), {
             **common, "name": ENSEMBLE + suffix, "llm_name": LLM + suffix})
     return out_dir

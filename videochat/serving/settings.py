@@ -84,6 +84,7 @@ class LLMSettings:
     max_active: int = 1                 # sequences in the running batch (in-flight); default max_batch_size
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed deltas (0 = every token)
     visual_cache_bytes: int = 0         # engine's VisualCache budget; 0 = off
+    decode_threads: int = 1             # CPU in-flight: intra-op threads of a decode step; 0 = torch's default
 
     @property
     def inflight(self) -> bool:
@@ -93,7 +94,8 @@ class LLMSettings:
     def from_args(cls, args: Mapping[str, str]) -> "LLMSettings":
         config = json.loads(args["model_config"])
         params = config_parameters(config, known={"checkpoint_path", "dtype", "max_new_tokens_limit", "batching",
-                                                  "max_active", "stream_interval_ms", "visual_cache_mb"})
+                                                  "max_active", "stream_interval_ms", "visual_cache_mb",
+                                                  "decode_threads"})
         checkpoint = params.get("checkpoint_path", "")
         if not checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
             raise SettingsError(f"parameter checkpoint_path must be a checkpoint directory with config.json, "
@@ -115,4 +117,5 @@ class LLMSettings:
                                                       DEFAULT_MAX_NEW_TOKENS_LIMIT),
                    batching=batching, max_active=max_active,
                    stream_interval_ms=_non_negative_int(params, "stream_interval_ms", DEFAULT_STREAM_INTERVAL_MS),
-                   visual_cache_bytes=_non_negative_int(params, "visual_cache_mb", 0) * MB)
+                   visual_cache_bytes=_non_negative_int(params, "visual_cache_mb", 0) * MB,
+                   decode_threads=_non_negative_int(params, "decode_threads", 1))

@@ -9,7 +9,7 @@ Logic lives in videochat/serving/{llm,scheduler}.py; this file only converts ten
 """
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import batch_stats, build_chat_request, engine_api, run_batch
+from videochat.serving.llm import CpuThreadsEngine, batch_stats, build_chat_request, engine_api, run_batch
 from videochat.serving.metrics import LLMMetrics
 from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, Job, Scheduler
@@ -40,7 +40,15 @@ class TritonPythonModel:
             cache = cache_cls(self.settings.visual_cache_bytes) if cache_cls and self.settings.visual_cache_bytes \
                 else None
             kwargs = {"visual_cache": cache} if cache is not None else {}
-            self.scheduler = Scheduler(lambda: engine_cls(self.model, **kwargs), max_active=self.settings.max_active,
+            threads = torch.get_num_threads()
+
+            def make_engine():
+                engine = engine_cls(self.model, **kwargs)
+                if self.settings.device == "cpu" and self.settings.decode_threads:
+                    engine = CpuThreadsEngine(engine, add_threads=threads, step_threads=self.settings.decode_threads)
+                return engine
+
+            self.scheduler = Scheduler(make_engine, max_active=self.settings.max_active,
                                        stream_interval_ms=self.settings.stream_interval_ms,
                                        log_error=self.logger.log_error, on_progress=self._on_progress)
             self.metrics.watch_scheduler(self.scheduler)
