@@ -285,3 +285,20 @@ def test_scheduler_coalesces_streams():
     assert 5 <= len(sink.responses) <= 12
     assert sink.text() == "".join(f"w{i} " for i in range(1, 41)) and sink.ids() == list(range(101, 141))
     assert int(sink.responses[-1][1]["COMPLETION_TOKENS"][0, 0]) == 40
+
+
+def test_cancel_checks_are_rate_limited():
+    clock = Clock()
+    asked = []
+
+    def cancelled():
+        asked.append(clock.t)
+        return False
+
+    s = Scheduler(FakeEngine, max_active=2, clock=clock, cancel_check_interval_ms=20)
+    s.submit(jobs({"n": 10}, cancelled=cancelled))
+    for _ in range(10):
+        clock.t += 0.005
+        s.run_once()
+    # one check when queued (admission) + one per 20 ms while active, not one per 5 ms step
+    assert 2 <= len(asked) <= 4

@@ -113,7 +113,8 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine], *, max_active: int, stream_interval_ms: float = 0.0,
                  clock: Callable[[], float] = time.monotonic, log_error: Callable[[str], None] = lambda m: None,
-                 on_progress: Callable[["Scheduler"], None] | None = None) -> None:
+                 on_progress: Callable[["Scheduler"], None] | None = None,
+                 cancel_check_interval_ms: float = 0.0) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if stream_interval_ms < 0:
@@ -125,6 +126,9 @@ class Scheduler:
         self.clock = clock
         self.log_error = log_error
         self.on_progress = on_progress          # called after every admit/step (metrics); must not raise
+        # is_cancelled() is an IPC round trip in Triton's python backend: ask at most this often (0 = every step)
+        self.cancel_check_interval_s = cancel_check_interval_ms / 1000.0
+        self._last_cancel_check = float("-inf")
         self.stats = SchedulerStats()
         self._queue: collections.deque[Job] = collections.deque()
         self._active: dict[int, Job] = {}
@@ -248,6 +252,10 @@ class Scheduler:
             _fail(job, f"generation failed: {type(exc).__name__}: {exc}"[:500], INTERNAL)
 
     def _check_cancelled(self) -> None:
+        now = self.clock()
+        if now - self._last_cancel_check < self.cancel_check_interval_s:
+            return
+        self._last_cancel_check = now
         for handle, job in list(self._active.items()):
             try:
                 cancelled = job.is_cancelled()

@@ -16,6 +16,7 @@ from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, Job, Scheduler
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_INTERVAL_MS = 20   # request.is_cancelled() is an IPC to the server: not on every decode step
 
 
 class TritonPythonModel:
@@ -50,7 +51,8 @@ class TritonPythonModel:
 
             self.scheduler = Scheduler(make_engine, max_active=self.settings.max_active,
                                        stream_interval_ms=self.settings.stream_interval_ms,
-                                       log_error=self.logger.log_error, on_progress=self._on_progress)
+                                       log_error=self.logger.log_error, on_progress=self._on_progress,
+                                       cancel_check_interval_ms=CANCEL_CHECK_INTERVAL_MS)
             self.metrics.watch_scheduler(self.scheduler)
             if cache is not None:
                 self.metrics.watch_visual_cache(cache)
