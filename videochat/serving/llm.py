@@ -43,38 +43,15 @@ def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedReque
             max_new_tokens=fields.max_new_tokens, do_sample=fields.do_sample, temperature=fields.temperature,
             top_p=fields.top_p, top_k=fields.top_k, repetition_penalty=fields.repetition_penalty,
             seed=fields.seed)
-        extra = {"media_key": info.get("media_key")} if _accepts_media_key(ChatRequest) else {}
         # a copy: the input may live in Triton's shared memory, which is reused once execute() returns (the
         # in-flight scheduler encodes it later, from its own thread)
         request = ChatRequest(media=torch.from_numpy(np.array(pixels[0], copy=True, order="C")), media_type=media_type,
                               prompt=fields.prompt, history=fields.history, msg=fields.msg,
-                              instruction=fields.instruction, params=params, **extra)
+                              instruction=fields.instruction, params=params,
+                              media_key=info.get("media_key"))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
     return ParsedRequest(chat_request=request, clips=int(pixels.shape[1]), media_type=media_type)
-
-
-def _accepts_media_key(cls: Any) -> bool:
-    import dataclasses
-    return any(f.name == "media_key" for f in dataclasses.fields(cls))
-
-
-def engine_api() -> tuple[Any, Any]:
-    """(GenerationEngine, VisualCache | None) from wherever the engine lives (videochat.engine, else
-    videochat.generation). ImportError if there is no engine (then only static batching is available)."""
-    try:
-        from videochat import engine as module
-    except ImportError:
-        from videochat import generation as module
-    if not hasattr(module, "GenerationEngine"):
-        raise ImportError("videochat has no GenerationEngine (in-flight batching needs it)")
-    cache_cls = getattr(module, "VisualCache", None)
-    if cache_cls is None:
-        try:
-            from videochat.visual_cache import VisualCache as cache_cls
-        except ImportError:
-            cache_cls = None
-    return module.GenerationEngine, cache_cls
 
 
 class CpuThreadsEngine:

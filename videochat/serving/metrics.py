@@ -126,17 +126,8 @@ class LLMMetrics:
         self.mirror.counter(self.responses, lambda: s.responses)
 
     def watch_visual_cache(self, cache: Any) -> None:
-        self.mirror.counter(self.visual_hits, lambda: _cache_count(cache, "hits"))
-        self.mirror.counter(self.visual_misses, lambda: _cache_count(cache, "misses"))
-
-
-def _cache_count(cache: Any, name: str) -> int:
-    """`cache.hits`, or `cache.stats.hits` (property or method) as videochat.visual_cache has it."""
-    if hasattr(cache, name):
-        return int(getattr(cache, name))
-    stats = getattr(cache, "stats")
-    stats = stats() if callable(stats) else stats
-    return int(getattr(stats, name))
+        self.mirror.counter(self.visual_hits, lambda: cache.hits)
+        self.mirror.counter(self.visual_misses, lambda: cache.misses)
 
 
 class PreprocessMetrics:

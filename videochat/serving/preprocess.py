@@ -6,12 +6,11 @@ MEDIA_INFO, where videochat_llm uses it for the engine's cache of visual tokens 
 """
 from __future__ import annotations
 
-import collections
 import hashlib
-import threading
 
 import numpy as np
 
+from videochat.byte_lru import ByteLRU
 from videochat.serving.requests import (Getter, MediaOptions, RequestError, chat_fields_to_arrays,
                                         media_info_json, parse_chat_fields, parse_media_options, video_bytes)
 from videochat.serving.settings import PreprocessSettings
@@ -26,44 +25,16 @@ def media_key(data: bytes, opts: MediaOptions) -> str:
             f":padding={int(opts.padding)}:resolution={RESOLUTION}")
 
 
-class MediaCache:
-    """Thread-safe LRU of (PIXEL_VALUES, MEDIA_INFO) by media_key, bounded by the pixels' bytes.
-    `max_bytes == 0` turns it off. Cached arrays are read-only (they are shared by the hits)."""
+class MediaCache(ByteLRU[str, tuple[np.ndarray, bytes]]):
+    """LRU of (PIXEL_VALUES, MEDIA_INFO) by media_key, bounded by their bytes; `max_bytes == 0` turns it off.
+    Cached arrays are read-only (they are shared by the hits)."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.hits = self.misses = 0
-        self.bytes = 0
-        self._items: collections.OrderedDict[str, tuple[np.ndarray, bytes]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(max_bytes, lambda item: item[0].nbytes + len(item[1]))
 
-    def get(self, key: str) -> tuple[np.ndarray, bytes] | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
-
-    def put(self, key: str, pixels: np.ndarray, info: bytes) -> None:
-        size = pixels.nbytes + len(info)
-        if size > self.max_bytes:
-            return
+    def put(self, key: str, pixels: np.ndarray, info: bytes) -> None:  # type: ignore[override]
         pixels.setflags(write=False)
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old[0].nbytes + len(old[1])
-            self._items[key] = (pixels, info)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (p, i) = self._items.popitem(last=False)
-                self.bytes -= p.nbytes + len(i)
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().put(key, (pixels, info))
 
 
 def preprocess_request(get: Getter, settings: PreprocessSettings,

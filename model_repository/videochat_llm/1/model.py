@@ -9,7 +9,7 @@ Logic lives in videochat/serving/{llm,scheduler}.py; this file only converts ten
 """
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import CpuThreadsEngine, batch_stats, build_chat_request, engine_api, run_batch
+from videochat.serving.llm import CpuThreadsEngine, batch_stats, build_chat_request, run_batch
 from videochat.serving.metrics import LLMMetrics
 from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, Job, Scheduler
@@ -32,19 +32,14 @@ class TritonPythonModel:
         self.metrics = LLMMetrics(pb_utils, model=args["model_name"], instance=args.get("model_instance_name", ""))
         self.scheduler = None
         if self.settings.inflight:
-            try:
-                engine_cls, cache_cls = engine_api()
-            except ImportError as exc:
-                self.logger.log_warn(f"videochat_llm: {exc}; falling back to static batching per execute")
-                engine_cls = None
-        if self.settings.inflight and engine_cls is not None:
-            cache = cache_cls(self.settings.visual_cache_bytes) if cache_cls and self.settings.visual_cache_bytes \
-                else None
-            kwargs = {"visual_cache": cache} if cache is not None else {}
+            from videochat.engine import GenerationEngine
+            from videochat.visual_cache import VisualCache
+
+            cache = VisualCache(self.settings.visual_cache_bytes) if self.settings.visual_cache_bytes else None
             threads = torch.get_num_threads()
 
             def make_engine():
-                engine = engine_cls(self.model, **kwargs)
+                engine = GenerationEngine(self.model, visual_cache=cache)
                 if self.settings.device == "cpu" and self.settings.decode_threads:
                     engine = CpuThreadsEngine(engine, add_threads=threads, step_threads=self.settings.decode_threads)
                 return engine
