@@ -157,13 +157,17 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
+        self._special_ids = frozenset(tokenizer.all_special_ids)
         self.ids: list[int] = []
         self.emitted = ""
         self._prefix_offset = 0
         self._read_offset = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), **DECODE_KWARGS)
+        # `skip_special_tokens=True` done here, by id: the slow tokenizer re-derives its special-token list for
+        # every token it decodes, which was ~40% of a batch-16 decode step of the demo model on CPU.
+        kept = [i for i in ids if i not in self._special_ids]
+        return self._tokenizer.decode(kept, **{**DECODE_KWARGS, "skip_special_tokens": False})
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
