@@ -60,6 +60,27 @@ def ensemble_inputs(**fields):
     return out
 
 
+def llm_inputs(prompt: str, max_new_tokens: int, media_info: bytes = b'{"media_type": "image"}') -> list:
+    """Inputs straight to videochat_llm (all required): what preprocessing emits for example1 as an image."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from videochat.serving.requests import chat_fields_to_arrays, getter_from_mapping, parse_chat_fields
+
+    pixels = np.load(TINY / "media_A5_image_example1_nopad_full_fp16.npy")[None]
+    chat = chat_fields_to_arrays(parse_chat_fields(getter_from_mapping(
+        {"PROMPT": np.array([[prompt.encode()]], dtype=object),
+         "MAX_NEW_TOKENS": np.array([[max_new_tokens]], np.int32)}), max_new_tokens_limit=1024), prefix="")
+    arrays = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[media_info]], dtype=object), **chat}
+    inputs = []
+    for name, arr in arrays.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object
+                                    else np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
 @dataclass
 class Answer:
     text: str

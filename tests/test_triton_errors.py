@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from conftest import TINY, VIDEOS
+from conftest import TINY, VIDEOS, llm_inputs
 
 MANIFEST = json.loads((VIDEOS / "manifest.json").read_text())
 REJECTS = [f["file"] for f in MANIFEST["files"] if f["expected"].startswith("reject")]
@@ -66,27 +66,10 @@ def test_bad_request_does_not_fail_batch_mates(triton):
 def test_bad_request_inside_an_llm_batch_fails_alone(triton):
     """Straight to videochat_llm_unary (all inputs required): a request with bad MEDIA_INFO in the same dynamic
     batch as good ones gets INVALID_ARGUMENT; the others get their answers."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    from videochat.serving.requests import chat_fields_to_arrays, getter_from_mapping, parse_chat_fields
-
-    pixels = np.load(TINY / "media_A5_image_example1_nopad_full_fp16.npy")[None]
-    chat = chat_fields_to_arrays(parse_chat_fields(getter_from_mapping(
-        {"PROMPT": np.array([[b"What is the man holding?"]], dtype=object),
-         "MAX_NEW_TOKENS": np.array([[4]], np.int32)}), max_new_tokens_limit=64), prefix="")
-
     def run(media_info: bytes):
-        arrays = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[media_info]], dtype=object), **chat}
-        inputs = []
-        for name, arr in arrays.items():
-            inp = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object
-                                        else np_to_triton_dtype(arr.dtype))
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
         try:
-            return triton.client().infer("videochat_llm_unary", inputs).as_numpy("TEXT")[0, 0]
+            return triton.client().infer("videochat_llm_unary", llm_inputs("What is the man holding?", 4,
+                                                                           media_info)).as_numpy("TEXT")[0, 0]
         except InferenceServerException as exc:
             return exc
 

@@ -10,9 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from conftest import TINY, VIDEOS
+from conftest import TINY, VIDEOS, llm_inputs
 
 LLM = {"model": "videochat_llm"}
 LONG = dict(video=(TINY / "videos" / "example1.mp4").read_bytes(), image=True, prompt="Tell a long story.",
@@ -78,27 +76,6 @@ def test_repeated_video_hits_both_caches_with_the_same_answer(triton):
     assert second.completion_tokens >= 1
     unary = triton.infer(model="videochat_unary", **req)      # static path: no visual cache
     assert (unary.text, unary.token_ids) == (first.text, first.token_ids)
-
-
-def llm_inputs(prompt: str, max_new_tokens: int):
-    """Inputs straight to videochat_llm (all required; what preprocessing would emit for example1 as an image)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    from videochat.serving.requests import chat_fields_to_arrays, getter_from_mapping, parse_chat_fields
-
-    pixels = np.load(TINY / "media_A5_image_example1_nopad_full_fp16.npy")[None]
-    chat = chat_fields_to_arrays(parse_chat_fields(getter_from_mapping(
-        {"PROMPT": np.array([[prompt.encode()]], dtype=object),
-         "MAX_NEW_TOKENS": np.array([[max_new_tokens]], np.int32)}), max_new_tokens_limit=1024), prefix="")
-    arrays = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[b'{"media_type": "image"}']], dtype=object), **chat}
-    inputs = []
-    for name, arr in arrays.items():
-        inp = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object
-                                    else np_to_triton_dtype(arr.dtype))
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
 
 
 def test_cancelled_stream_frees_its_slot(triton):
