@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, Job, Scheduler, StreamCoalescer
+from videochat.serving.llm import StreamCoalescer
+from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, Job, Scheduler
 
 
 @dataclass(frozen=True)

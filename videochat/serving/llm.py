@@ -6,6 +6,7 @@ Pure of Triton: `run_batch` takes the model, the parsed requests and a `should_s
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -98,26 +99,44 @@ def output_arrays(*, text: str, token_ids: Sequence[int], prompt_tokens: int, co
 
 
 @dataclass
-class Accumulator:
-    """Collects one request's stream; `delta` for streaming responses, `total` for the unary one."""
+class StreamCoalescer:
+    """Per-request response policy: the first token at once (time to first token), later deltas merged until
+    `interval_s` passed since the last send, the final event always. `interval_s == 0` sends every event;
+    `None` sends only the final one, holding the whole answer (unary). The sent deltas concatenate to the full
+    text and ids; completion_tokens counts all ids so far."""
+    interval_s: float | None
+    clock: Callable[[], float] = time.monotonic
     prompt_tokens: int = 0
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    sent_responses: int = 0
+    events: int = 0
     finished: bool = False
+    _text: list[str] = field(default_factory=list)
+    _ids: list[int] = field(default_factory=list)
+    _last_send: float | None = None
 
-    def add(self, event: Any) -> dict[str, np.ndarray]:
+    def push(self, event: Any) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """-> (arrays to send now or None, final)."""
         ev = event_fields(event)
-        self.prompt_tokens = ev["prompt_tokens"] if ev["prompt_tokens"] is not None else self.prompt_tokens
-        self.text.append(ev["text"])
-        self.token_ids.extend(ev["token_ids"])
+        self.events += 1
         self.finished = ev["finished"]
-        return output_arrays(text=ev["text"], token_ids=ev["token_ids"], prompt_tokens=self.prompt_tokens,
-                             completion_tokens=len(self.token_ids),
-                             finish_reason=ev["finish_reason"] if self.finished else "")
+        if ev["prompt_tokens"]:
+            self.prompt_tokens = ev["prompt_tokens"]
+        self._text.append(ev["text"])
+        self._ids.extend(ev["token_ids"])
+        self.completion_tokens += len(ev["token_ids"])
+        now = self.clock()
+        due = ev["finished"] or (self.interval_s is not None and (
+            self._last_send is None or self.interval_s <= 0 or now - self._last_send >= self.interval_s))
+        if not due:
+            return None, False
+        arrays = output_arrays(text="".join(self._text), token_ids=self._ids, prompt_tokens=self.prompt_tokens,
+                               completion_tokens=self.completion_tokens,
+                               finish_reason=ev["finish_reason"] if ev["finished"] else "")
+        self._text, self._ids, self._last_send = [], [], now
+        self.sent_responses += 1
+        return arrays, ev["finished"]
 
-    def total(self, finish_reason: str) -> dict[str, np.ndarray]:
-        return output_arrays(text="".join(self.text), token_ids=self.token_ids, prompt_tokens=self.prompt_tokens,
-                             completion_tokens=len(self.token_ids), finish_reason=finish_reason)
 
 
 def event_fields(event: Any) -> dict[str, Any]:
@@ -147,33 +166,31 @@ def run_batch(model: Any, requests: Sequence[Any], *, should_stop: Callable[[int
     (e.g. one request's prompt is too long), each request is retried alone so only the culprit fails; a failure
     after tokens were sent ends the unfinished requests with an error Reply.
     """
-    accs = [Accumulator() for _ in requests]
-    failed = yield from _stream(model, requests, list(range(len(requests))), accs, should_stop, streaming)
-    if failed is not None and len(requests) > 1 and not any(a.token_ids or a.text for a in accs):
+    coalescers = [StreamCoalescer(0.0 if streaming else None) for _ in requests]
+    failed = yield from _stream(model, requests, list(range(len(requests))), coalescers, should_stop)
+    if failed is not None and len(requests) > 1 and not any(c.events for c in coalescers):
         for i in range(len(requests)):
-            error = yield from _stream(model, requests, [i], accs, should_stop, streaming)
+            error = yield from _stream(model, requests, [i], coalescers, should_stop)
             if error is not None:
                 yield Reply(i, None, final=True, error=error)
         return
-    for i, acc in enumerate(accs):
-        if not acc.finished:
+    for i, c in enumerate(coalescers):
+        if not c.finished:
             yield Reply(i, None, final=True, error=failed or "generation ended without a final token")
 
 
-def _stream(model, requests, indices, accs, should_stop, streaming):
+def _stream(model, requests, indices, coalescers, should_stop):
     """Generator: run `indices` together; returns None or the error message (unfinished ones stay so)."""
     try:
         stream = model.generate_stream([requests[i] for i in indices], should_stop=lambda j: should_stop(indices[j]))
         for step in stream:
             for j, event in enumerate(step):
                 i = indices[j]
-                if event is None or accs[i].finished:
+                if event is None or coalescers[i].finished:
                     continue
-                delta = accs[i].add(event)
-                if streaming:
-                    yield Reply(i, delta, final=accs[i].finished)
-                elif accs[i].finished:
-                    yield Reply(i, accs[i].total(event_fields(event)["finish_reason"]), final=True)
+                arrays, final = coalescers[i].push(event)
+                if arrays is not None:
+                    yield Reply(i, arrays, final=final)
     except Exception as exc:  # noqa: BLE001 - becomes an error reply, never a dropped request
         return f"generation failed: {type(exc).__name__}: {exc}"[:500]
     return None

@@ -22,12 +22,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from videochat.serving.llm import event_fields, output_arrays
+from videochat.serving.llm import StreamCoalescer, output_arrays
 
 INVALID_ARG, INTERNAL, UNAVAILABLE = "invalid_arg", "internal", "unavailable"
 IDLE_WAIT_S = 0.5          # the loop sleeps at most this long without work (and re-checks stop)
@@ -44,41 +44,6 @@ class Engine(Protocol):
     def cancel(self, handle: int) -> Any: ...
     @property
     def num_active(self) -> int: ...
-
-
-@dataclass
-class StreamCoalescer:
-    """Per-request streaming policy: the first token at once (time to first token), later deltas merged until
-    `interval_s` passed since the last send, the final event always. `interval_s == 0` sends every event.
-    The sent deltas concatenate to the full text and ids; completion_tokens counts all ids so far."""
-    interval_s: float
-    clock: Callable[[], float] = time.monotonic
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    sent_responses: int = 0
-    _text: list[str] = field(default_factory=list)
-    _ids: list[int] = field(default_factory=list)
-    _last_send: float | None = None
-
-    def push(self, event: Any) -> tuple[dict[str, np.ndarray] | None, bool]:
-        """-> (arrays to send now or None, final)."""
-        ev = event_fields(event)
-        if ev["prompt_tokens"]:
-            self.prompt_tokens = ev["prompt_tokens"]
-        self._text.append(ev["text"])
-        self._ids.extend(ev["token_ids"])
-        self.completion_tokens += len(ev["token_ids"])
-        now = self.clock()
-        due = (ev["finished"] or self._last_send is None or self.interval_s <= 0
-               or now - self._last_send >= self.interval_s)
-        if not due:
-            return None, False
-        arrays = output_arrays(text="".join(self._text), token_ids=self._ids, prompt_tokens=self.prompt_tokens,
-                               completion_tokens=self.completion_tokens,
-                               finish_reason=ev["finish_reason"] if ev["finished"] else "")
-        self._text, self._ids, self._last_send = [], [], now
-        self.sent_responses += 1
-        return arrays, ev["finished"]
 
 
 @dataclass
