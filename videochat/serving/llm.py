@@ -116,38 +116,27 @@ class StreamCoalescer:
     _last_send: float | None = None
 
     def push(self, event: Any) -> tuple[dict[str, np.ndarray] | None, bool]:
-        """-> (arrays to send now or None, final)."""
-        ev = event_fields(event)
+        """A `TokenEvent` in -> (arrays to send now or None, final)."""
         self.events += 1
-        self.finished = ev["finished"]
-        if ev["prompt_tokens"]:
-            self.prompt_tokens = ev["prompt_tokens"]
-        self._text.append(ev["text"])
-        self._ids.extend(ev["token_ids"])
-        self.completion_tokens += len(ev["token_ids"])
+        self.finished = event.finished
+        if event.prompt_tokens:
+            self.prompt_tokens = event.prompt_tokens
+        self._text.append(event.text)
+        if event.token_id is not None:           # None only for a cancellation event
+            self._ids.append(int(event.token_id))
+            self.completion_tokens += 1
         now = self.clock()
-        due = ev["finished"] or (self.interval_s is not None and (
+        due = event.finished or (self.interval_s is not None and (
             self._last_send is None or self.interval_s <= 0 or now - self._last_send >= self.interval_s))
         if not due:
             return None, False
+        reason = event.finish_reason if event.finished else None
         arrays = output_arrays(text="".join(self._text), token_ids=self._ids, prompt_tokens=self.prompt_tokens,
                                completion_tokens=self.completion_tokens,
-                               finish_reason=ev["finish_reason"] if ev["finished"] else "")
+                               finish_reason="" if reason is None else str(getattr(reason, "value", reason)))
         self._text, self._ids, self._last_send = [], [], now
         self.sent_responses += 1
-        return arrays, ev["finished"]
-
-
-
-def event_fields(event: Any) -> dict[str, Any]:
-    """The one place that knows TokenEvent's attribute names."""
-    token_id = getattr(event, "token_id", None)
-    token_ids = list(getattr(event, "token_ids", None) or ([] if token_id is None else [int(token_id)]))
-    finished = bool(getattr(event, "finished", False))
-    reason = getattr(event, "finish_reason", None) if finished else None
-    return {"text": getattr(event, "text", "") or "", "token_ids": token_ids, "finished": finished,
-            "finish_reason": "" if reason is None else str(getattr(reason, "value", reason)),
-            "prompt_tokens": getattr(event, "prompt_tokens", None)}
+        return arrays, event.finished
 
 
 @dataclass(frozen=True)
