@@ -7,21 +7,20 @@ from __future__ import annotations
 import json
 import socket
 import statistics
-import sys
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from videochat.launch import launcher  # imports no torch
+from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, render_repository
+from videochat.launch.tritonserver import Endpoints, TritonServer, find_triton
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 VIDEOS = ROOT / "tests" / "data" / "videos"
-sys.path.insert(0, str(ROOT))
 
-from videochat.server import launcher  # noqa: E402  (after the path fix; imports no torch)
-from videochat.server.render import ENSEMBLE, LLM, PREPROCESSING, render_repository  # noqa: E402
-from videochat.server.triton import Endpoints, TritonServer, find_triton  # noqa: E402
 
 MODELS = (ENSEMBLE, PREPROCESSING, LLM)
 

@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def build_random_model(config, device, dtype, seed: int):
     """VideoChatModel with random weights: meta build -> dtype (still meta) -> to_empty(device) -> fill."""
     import torch
-    from videochat.model import VideoChatModel
+    from videochat.model.videochat_model import VideoChatModel
 
     with torch.device("meta"):
         model = VideoChatModel(config)
@@ -82,7 +82,7 @@ def timed(fn, *, repeats: int, sync) -> list[float]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from videochat.config import VideoChatConfig
+    from videochat.model.config import VideoChatConfig
 
     if not args.tiny and not torch.cuda.is_available():
         result = {"benchmark": "gpu", "skipped": "no CUDA", "torch": torch.__version__}

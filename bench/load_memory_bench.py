@@ -26,12 +26,11 @@ import time
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from videochat.checkpoint import official_layout, official_stored_dtype  # noqa: E402
-from videochat.config import LLMConfig, VideoChatConfig  # noqa: E402
+from videochat.model.checkpoint import official_layout, official_stored_dtype  # noqa: E402
+from videochat.model.config import LLMConfig, VideoChatConfig  # noqa: E402
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 SHARD_BYTES = 5 * 1024 ** 3
@@ -50,7 +49,7 @@ def bench_config(llm_layers: int) -> VideoChatConfig:
 
 
 def layout_for(config: VideoChatConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    from videochat.model import VideoChatModel
+    from videochat.model.videochat_model import VideoChatModel
     with torch.device("meta"):
         skeleton = VideoChatModel(config)
     return {k: (s, official_stored_dtype(k)) for k, s in official_layout(skeleton, config).items()}
@@ -105,8 +104,8 @@ def write_checkpoint(out_dir: str, config: VideoChatConfig) -> int:
 
 def child(ckpt_dir: str, dtype_name: str) -> dict:
     """Runs in a fresh process: build on meta, load, report peak RSS."""
-    from videochat.checkpoint import load_checkpoint
-    from videochat.model import VideoChatModel
+    from videochat.model.checkpoint import load_checkpoint
+    from videochat.model.videochat_model import VideoChatModel
 
     dtype = getattr(torch, dtype_name)
     config = VideoChatConfig.from_json(ckpt_dir)
@@ -158,7 +157,7 @@ def main(argv: list[str]) -> int:
                             if not k.startswith("project_down") and ".lora_" not in k)
     overhead = res["peak_rss_bytes"] - res["weight_bytes"]
     result = {
-        "what": "peak RSS of videochat.checkpoint.load_checkpoint (CPU, fresh process) vs loaded weight bytes",
+        "what": "peak RSS of videochat.model.checkpoint.load_checkpoint (CPU, fresh process) vs loaded weight bytes",
         "llm_layers": args.llm_layers, "dtype": args.dtype, "checkpoint_bytes_on_disk": written,
         "write_seconds": round(write_s, 1), **res,
         "peak_over_weights": round(res["peak_rss_bytes"] / res["weight_bytes"], 4),

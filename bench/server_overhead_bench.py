@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from preprocessing import preprocess
-    from videochat.generation import ChatRequest, GenerationParams
-    from videochat.model import VideoChatModel
+    from videochat.runtime.generation import ChatRequest, GenerationParams, generate
+    from videochat.model.videochat_model import VideoChatModel
 
     checkpoint = (args.checkpoint or demo_checkpoint()).resolve()
     data = args.video.read_bytes()
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         req = ChatRequest(media=pixels, media_type=media_type, prompt=PROMPT,
                           params=GenerationParams(max_new_tokens=args.max_new_tokens))
-        result = model.generate([req])[0]
+        result = generate(model, [req])[0]
         t2 = time.perf_counter()
         return {"total_ms": (t2 - t0) * 1e3, "preprocess_ms": (t1 - t0) * 1e3, "generate_ms": (t2 - t1) * 1e3,
                 "completion_tokens": result.completion_tokens, "token_ids": list(result.token_ids)}

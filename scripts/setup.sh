@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the pinned requirements plus the client package.
-# Idempotent: a second run only checks that everything is installed.
+# Creates .venv (if missing), installs the pinned requirements, then this project (editable: the server
+# packages, and the client package it carries). Idempotent: a second run only checks that all is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 .venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e ./client
+.venv/bin/python -m pip install -q --no-deps -e .

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import queue
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 TINY = DATA / "tiny-videochat"
 VIDEOS = DATA / "videos"
-sys.path.insert(0, str(ROOT))
 
 # public input name -> numpy dtype (docs/interfaces.md)
 ENSEMBLE_INPUTS = {
@@ -152,8 +150,8 @@ class TritonHandle:
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
-    from videochat.server.render import RepoOptions, render_repository
-    from videochat.server.triton import Endpoints, TritonServer, find_triton
+    from videochat.launch.render import RepoOptions, render_repository
+    from videochat.launch.tritonserver import Endpoints, TritonServer, find_triton
 
     work = tmp_path_factory.mktemp("triton")
     # stream_interval_ms 0: one response per token (tests check token-by-token delivery); the coalescing policy

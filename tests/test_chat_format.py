@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from videochat.chat_format import (PLACEHOLDER_TOKEN_ID, MediaType, append_turn, build_conversation, build_prompt,
+from videochat.runtime.chat_format import (PLACEHOLDER_TOKEN_ID, MediaType, append_turn, build_conversation, build_prompt,
                                    normalize_history)
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"

@@ -1,4 +1,4 @@
-"""Continuous batching (`videochat.engine.GenerationEngine`) and the visual-token cache (`VisualCache`).
+"""Continuous batching (`videochat.runtime.engine.GenerationEngine`) and the visual-token cache (`VisualCache`).
 
 * requests joining at different steps (two at once, one while another is mid-answer, one after batch-mates
   finished, one into an idle engine), and cancellations, produce exactly the tokens of each request run alone:
@@ -19,10 +19,10 @@ import torch
 
 from numerics import assert_close_scaled
 from test_generation import FRAME, MIXED, FakeModel, media, request
-from videochat.engine import GenerationEngine
-from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, TokenEvent,
+from videochat.runtime.engine import GenerationEngine
+from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, TokenEvent,
                                   generate)
-from videochat.visual_cache import VisualCache, VisualKey
+from videochat.runtime.visual_cache import VisualCache, VisualKey
 
 MAX_STEPS = 200
 # Joined vs alone differ only by reduction order: observed <= 6e-6 absolute on logits of magnitude ~5
@@ -285,8 +285,8 @@ def test_own_padding_mask_equals_transformers_mask(attn):
     prefill and decode logits equal those of the same padded batch given to transformers as a 2D mask."""
     from transformers import DynamicCache
 
-    from videochat.engine import forward_last_logits
-    from videochat.generation import positions_from_mask
+    from videochat.runtime.engine import forward_last_logits
+    from videochat.runtime.generation import positions_from_mask
 
     fake = FakeModel(attn_implementation=attn)
     hidden = fake.llm.config.hidden_size

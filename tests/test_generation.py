@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from videochat.chat_format import build_prompt
-from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams,
+from videochat.runtime.chat_format import build_prompt
+from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams,
                                   IncrementalDetokenizer, filter_top_k_top_p, generate, generate_stream,
                                   validate_media)
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from numerics import assert_close_scaled
-from videochat.chat_format import normalize_history
-from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, first_step_logits,
+from videochat.runtime.chat_format import normalize_history
+from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, first_step_logits,
                                   generate)
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
@@ -29,7 +29,7 @@ LOGITS_REL = 3e-5
 
 @pytest.fixture(scope="module")
 def model():
-    from videochat.model import VideoChatModel
+    from videochat.model.videochat_model import VideoChatModel
     return VideoChatModel.from_checkpoint(FIXTURE, device="cpu")
 
 
@@ -63,7 +63,7 @@ def test_case_turn_by_turn(model, media, case_id):
         top5 = first_step_logits(model, [request])[0].topk(TOP5)
         assert top5.indices.tolist() == turn["first_step_top5"]["ids"], f"turn {turn_index}"
         assert_close_scaled(top5.values, torch.tensor(turn["first_step_top5"]["logits"]), rel=LOGITS_REL)
-        result = model.generate([request])[0]  # the delegator on VideoChatModel
+        result = generate(model, [request])[0]
         assert result.token_ids == turn["generated_ids"], f"turn {turn_index}"
         assert result.text == turn["response"]
         assert result.finish_reason == (FinishReason.STOP if turn["stopped_on_eos"] else FinishReason.LENGTH)

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from numerics import assert_close_scaled
 
-from videochat.checkpoint import CheckpointError
-from videochat.demo_checkpoint import main as demo_main
-from videochat.demo_checkpoint import make_demo_checkpoint
-from videochat.model import VideoChatModel
-from videochat.tokenization import TokenizerNotFoundError
+from videochat.model.checkpoint import CheckpointError
+from videochat.tools.demo_checkpoint import main as demo_main
+from videochat.tools.demo_checkpoint import make_demo_checkpoint
+from videochat.model.videochat_model import VideoChatModel
+from videochat.model.tokenization import TokenizerNotFoundError
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 Q_PROJ = "lm.base_model.model.model.layers.1.self_attn.q_proj"

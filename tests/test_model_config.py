@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from videochat.checkpoint import official_layout, official_stored_dtype, plan_load
-from videochat.config import ConfigError, VideoChatConfig
-from videochat.model import VideoChatModel
+from videochat.model.checkpoint import official_layout, official_stored_dtype, plan_load
+from videochat.model.config import ConfigError, VideoChatConfig
+from videochat.model.videochat_model import VideoChatModel
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 

@@ -12,8 +12,8 @@ import torch
 
 from numerics import assert_close_scaled
 from preprocessing import preprocess
-from videochat.model import VideoChatModel
-from videochat.projection import merge_visual_tokens
+from videochat.model.videochat_model import VideoChatModel
+from videochat.model.projection import merge_visual_tokens
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())

@@ -15,7 +15,7 @@ from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, Job,
 
 
 @dataclass(frozen=True)
-class Ev:                      # the fields of videochat.generation.TokenEvent the scheduler reads
+class Ev:                      # the fields of videochat.runtime.generation.TokenEvent the scheduler reads
     token_id: int | None
     text: str
     finished: bool

@@ -21,7 +21,7 @@ def case_fields(case: dict) -> dict:
 
 def cli_answers(case: dict, capsys) -> list[dict]:
     """The offline CLI's `main` in this process (a subprocess per case would pay torch's import 5 times)."""
-    from videochat.cli_chat import main
+    from videochat.tools.chat import main
 
     pre = case["preprocess"]
     cmd = ["--json", "--device", "cpu", "--checkpoint", str(TINY),

@@ -6,9 +6,9 @@ import sys
 
 # command -> module exposing `main(argv: list[str]) -> int`
 COMMANDS = {
-    "chat": "videochat.cli_chat",
-    "serve": "videochat.server.launcher",
-    "make-demo-checkpoint": "videochat.demo_checkpoint",
+    "chat": "videochat.tools.chat",
+    "serve": "videochat.launch.launcher",
+    "make-demo-checkpoint": "videochat.tools.demo_checkpoint",
 }
 
 

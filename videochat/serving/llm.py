@@ -21,7 +21,7 @@ LLM_INPUT_NAMES = ("PIXEL_VALUES", "MEDIA_INFO") + tuple(f.name.upper() for f in
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    chat_request: Any           # videochat.generation.ChatRequest
+    chat_request: Any           # videochat.runtime.generation.ChatRequest
     clips: int                  # for the metrics
     media_type: str
 
@@ -29,7 +29,7 @@ class ParsedRequest:
 def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedRequest:
     """videochat_llm inputs -> ChatRequest. PIXEL_VALUES is [1, clips, T, 3, H, W] (batch dim 1)."""
     import torch
-    from videochat.generation import ChatRequest, GenerationParams
+    from videochat.runtime.generation import ChatRequest, GenerationParams
 
     fields: ChatFields = parse_chat_fields(get, max_new_tokens_limit=max_new_tokens_limit)
     info = parse_media_info(scalar(get, "MEDIA_INFO"))

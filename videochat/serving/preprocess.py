@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from videochat.byte_lru import ByteLRU
+from videochat.runtime.byte_lru import ByteLRU
 from videochat.serving.requests import (Getter, MediaOptions, RequestError, chat_fields_to_arrays,
                                         media_info_json, parse_chat_fields, parse_media_options, video_bytes)
 from videochat.serving.settings import PreprocessSettings

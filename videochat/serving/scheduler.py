@@ -4,7 +4,7 @@
                                                                           │ step(): one token per active request
     senders ◀── StreamCoalescer (first token at once, then every stream_interval_ms, always the final) ◀─┘
 
-`Scheduler` owns a `GenerationEngine` (videochat.engine / videochat.generation) and a background thread:
+`Scheduler` owns a `GenerationEngine` (videochat.runtime.engine / videochat.runtime.generation) and a background thread:
 
 * admit: queued jobs join the running batch between decode steps, up to `max_active` sequences. A group is
   added with one `engine.add` call; if it raises, each job is retried alone so only the culprit fails

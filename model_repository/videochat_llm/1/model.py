@@ -22,7 +22,7 @@ CANCEL_CHECK_INTERVAL_MS = 20   # request.is_cancelled() is an IPC to the server
 class TritonPythonModel:
     def initialize(self, args):
         import torch
-        from videochat.model import VideoChatModel
+        from videochat.model.videochat_model import VideoChatModel
 
         self.settings = LLMSettings.from_args(args)
         self.logger = pb_utils.Logger
@@ -32,8 +32,8 @@ class TritonPythonModel:
         self.metrics = LLMMetrics(pb_utils, model=args["model_name"], instance=args.get("model_instance_name", ""))
         self.scheduler = None
         if self.settings.inflight:
-            from videochat.engine import GenerationEngine
-            from videochat.visual_cache import VisualCache
+            from videochat.runtime.engine import GenerationEngine
+            from videochat.runtime.visual_cache import VisualCache
 
             cache = VisualCache(self.settings.visual_cache_bytes) if self.settings.visual_cache_bytes else None
             threads = torch.get_num_threads()

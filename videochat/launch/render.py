@@ -5,6 +5,7 @@ and written, with the model's version directory, under the output directory.
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import string
 from dataclasses import dataclass
@@ -14,11 +15,8 @@ from videochat.serving.settings import (BATCHING_MODES, DEFAULT_MAX_NEW_TOKENS_L
                                        DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS, DEFAULT_VISUAL_CACHE_MB,
                                        DTYPES)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
-# Packages the python models import. The stub puts each model's version dir on sys.path (PYTHONPATH is not
-# honoured), so the rendered version dirs get symlinks to these packages.
-PROJECT_PACKAGES = ("videochat", "preprocessing")
+# model_repository/ is installed as this package's data (pyproject.toml), so `serve` works from any directory.
+SOURCE_REPOSITORY = Path(importlib.import_module("videochat.launch.model_repository").__path__[0])
 ENSEMBLE, LLM, PREPROCESSING = "videochat", "videochat_llm", "preprocessing"
 UNARY_SUFFIX = "_unary"
 
@@ -96,7 +94,6 @@ def _render_model(src: Path, dst: Path, values: dict) -> None:
     text = template.substitute({k: str(v) for k, v in values.items()})  # KeyError on a missing placeholder
     dst.mkdir(parents=True)
     (dst / "config.pbtxt").write_text(text)
+    # Only the adapter: it imports the installed `videochat` package, so the rendered repository holds no links
+    # into a checkout and can be copied to a volume or image as is.
     shutil.copytree(src / "1", dst / "1", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if (dst / "1" / "model.py").is_file():
-        for package in PROJECT_PACKAGES:
-            (dst / "1" / package).symlink_to(PROJECT_ROOT / package, target_is_directory=True)

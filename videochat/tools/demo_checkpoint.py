@@ -3,7 +3,7 @@
 Same layout as the real InternVideo2-Chat-8B-HD checkpoint (official key names, peft-0.5.0 LoRA A/B,
 `project_down`, `img_pos_embed`, int64 `position_ids`), tiny widths like the test fixture, a config.json with
 the extension fields, and its own tokenizers (the fixture's tiny sentencepiece + BERT vocab, shipped in
-`videochat/demo_assets/`). Byte-for-byte deterministic for a given seed. Weights are random but shaped so the
+`videochat/tools/demo_assets/`). Byte-for-byte deterministic for a given seed. Weights are random but shaped so the
 answers are words: norms ~1, layer scales 0.2-0.6, a large `lm_head` gain, control/byte-fallback rows damped.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from .config import LLMConfig, QFormerConfig, VideoChatConfig, VisionConfig
+from videochat.model.config import LLMConfig, QFormerConfig, VideoChatConfig, VisionConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_assets")
 NUM_CONTROL_AND_BYTE_TOKENS = 5 + 256   # <unk> <s> </s> [INST] [/INST] + byte fallback pieces of the demo tokenizer

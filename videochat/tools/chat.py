@@ -61,8 +61,8 @@ def _load_media(args: argparse.Namespace):
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    from videochat.generation import ChatRequest, GenerationParams, generate_stream
-    from videochat.model import VideoChatModel
+    from videochat.runtime.generation import ChatRequest, GenerationParams, generate_stream
+    from videochat.model.videochat_model import VideoChatModel
 
     try:
         params = GenerationParams(max_new_tokens=args.max_new_tokens, do_sample=args.sample,

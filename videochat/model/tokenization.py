@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .config import VideoChatConfig
+from videochat.model.config import VideoChatConfig
 
 
 class TokenizerNotFoundError(FileNotFoundError):

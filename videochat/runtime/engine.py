@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from videochat.chat_format import TokenizedPrompt, build_prompt
-from videochat.generation import (MIN_NEW_TOKENS, ChatRequest, FinishReason, IncrementalDetokenizer, TokenEvent,
+from videochat.runtime.chat_format import TokenizedPrompt, build_prompt
+from videochat.runtime.generation import (MIN_NEW_TOKENS, ChatRequest, FinishReason, IncrementalDetokenizer, TokenEvent,
                                   apply_repetition_penalty, eos_token_ids, left_pad, make_generator,
                                   positions_from_mask, sample_token, tokens_per_clip)
-from videochat.visual_cache import VisualCache, VisualKey
+from videochat.runtime.visual_cache import VisualCache, VisualKey
 
 # the sequence axis of a KV tensor [B, kv_heads, S, head_dim]
 KV_SEQ_DIM = 2
@@ -172,7 +172,7 @@ def forward_last_logits(model, inputs_embeds, attention_mask, position_ids, cach
 def prefill(model, slots: Sequence[_Slot], visual: Sequence[torch.Tensor]) -> _Batch:
     """Text embeddings with each request's visual tokens [clips*96, H] merged in, left-padded among the new
     requests ([B, L_max, H] + mask [B, L_max], positions `cumsum(mask) - 1`), one LLM pass into a fresh cache."""
-    from videochat.projection import merge_visual_tokens
+    from videochat.model.projection import merge_visual_tokens
     embed = model.llm.get_input_embeddings()
     embeds = [merge_visual_tokens(embed(s.prompt.input_ids.to(model.device)),
                                   s.prompt.placeholder_mask.to(model.device), v)

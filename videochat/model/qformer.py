@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QFormerConfig
+from videochat.model.config import QFormerConfig
 
 
 class SelfOrCrossAttention(nn.Module):

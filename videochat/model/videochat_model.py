@@ -1,22 +1,22 @@
 """`VideoChatModel`: ViT -> vision_layernorm -> QFormer -> project_up, and the Mistral LLM (spec §1, §4).
 
 Built on the meta device and filled by the strict loader (`checkpoint.py`); fp32 on CPU, bf16 on CUDA.
-Generation lives in `generation.py`; `generate`/`generate_stream` here only delegate to it.
+Generation (prompt, KV cache, decoding) lives one layer up, in `videochat.runtime`.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import VideoChatConfig
-from .projection import ProjectUp
-from .qformer import QFormer
-from .tokenization import load_llm_tokenizer, load_qformer_tokenizer
-from .vision_encoder import VisionEncoder
+from videochat.model.checkpoint import CheckpointError, load_checkpoint
+from videochat.model.config import VideoChatConfig
+from videochat.model.projection import ProjectUp
+from videochat.model.qformer import QFormer
+from videochat.model.tokenization import load_llm_tokenizer, load_qformer_tokenizer
+from videochat.model.vision_encoder import VisionEncoder
 
 MEDIA_TYPES = ("video", "image")
 
@@ -157,11 +157,3 @@ class VideoChatModel(nn.Module):
     # ------------------------------------------------------------------------------------------ text
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [..., L] -> [..., L, H_llm]
         return self.llm.get_input_embeddings()(input_ids.to(self.device))
-
-    def generate(self, requests):
-        from . import generation
-        return generation.generate(self, requests)
-
-    def generate_stream(self, requests, should_stop: Callable[[int], bool] | None = None):
-        from . import generation
-        return generation.generate_stream(self, requests, should_stop)

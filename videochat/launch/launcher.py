@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from videochat.server.render import ENSEMBLE, RepoOptions, render_repository
-from videochat.server.triton import Endpoints, LaunchError, TritonServer, find_triton
+from videochat.launch.render import ENSEMBLE, RepoOptions, render_repository
+from videochat.launch.tritonserver import Endpoints, LaunchError, TritonServer, find_triton
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
 
@@ -83,7 +83,7 @@ def ensure_demo_checkpoint(path: Path) -> Path:
     """Create the seeded tiny demo checkpoint once (atomically: built in a temp dir, then renamed)."""
     if (path / "config.json").is_file():
         return path
-    from videochat.demo_checkpoint import make_demo_checkpoint
+    from videochat.tools.demo_checkpoint import make_demo_checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     make_demo_checkpoint(tmp, seed=0)

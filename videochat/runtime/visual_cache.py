@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from videochat.byte_lru import ByteLRU
+from videochat.runtime.byte_lru import ByteLRU
 
 
 @dataclass(frozen=True)

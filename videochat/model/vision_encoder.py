@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
+from videochat.model.config import VisionConfig
 
 
 class RMSNorm(nn.Module):

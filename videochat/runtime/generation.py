@@ -1,7 +1,7 @@
 """Generation types and token selection; the fixed-batch API over the continuous-batching engine.
 
 Request/result types (`ChatRequest`, `GenerationParams`, `TokenEvent`, `ChatResult`), streaming
-detokenisation and sampling live here; `videochat.engine.GenerationEngine` runs the batch (requests join
+detokenisation and sampling live here; `videochat.runtime.engine.GenerationEngine` runs the batch (requests join
 and leave between decode steps). `generate_stream(model, requests)` adds all requests to one engine and
 yields one `TokenEvent | None` per request per step; `generate(model, requests)` is the non-streaming
 wrapper. Equivalence with the reference (batch size 1, HF `generate`, spec §6, quirks Q5, Q6, Q14, Q16):
@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from videochat.chat_format import History, MediaType, append_turn, normalize_history
+from videochat.runtime.chat_format import History, MediaType, append_turn, normalize_history
 
 # media tensors are [clips, T, channels, height, width]
 MEDIA_DIMS = 5
@@ -267,13 +267,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- fixed-batch API
-# Thin wrappers over `videochat.engine.GenerationEngine` (imported lazily: the engine imports this module's
+# Thin wrappers over `videochat.runtime.engine.GenerationEngine` (imported lazily: the engine imports this module's
 # types), so there is one prefill and one decode code path.
 
 def first_step_logits(model, requests: Sequence[ChatRequest]) -> torch.Tensor:
     """Raw logits [B, V] (float32) of the first generated position, computed by the same batched prefill as
     generation (for parity checks against the reference and for scoring)."""
-    from videochat.engine import GenerationEngine
+    from videochat.runtime.engine import GenerationEngine
     engine = GenerationEngine(model)
     engine.add(requests)
     return engine.pending_logits
@@ -287,7 +287,7 @@ def generate_stream(model, requests: Sequence[ChatRequest],
     All requests join one `GenerationEngine` at once; finished requests leave the batch (their rows are dropped
     from the KV cache), so a long answer never pays for finished batch-mates.
     """
-    from videochat.engine import GenerationEngine
+    from videochat.runtime.engine import GenerationEngine
     engine = GenerationEngine(model)
     index = {handle: i for i, handle in enumerate(engine.add(requests))}
     while engine.num_active:

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import VideoChatConfig
+from videochat.model.config import VideoChatConfig
 
 # official key prefix -> module key prefix (an entry without a trailing "." matches the whole key)
 KEY_TABLE: tuple[tuple[str, str], ...] = (

@@ -1,0 +1,1 @@
+"""`python -m videochat serve`: render a self-contained model repository and supervise tritonserver."""
