@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from videochat.serving.llm import StreamCoalescer
-from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, Job, Scheduler
+from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
 
 
 @dataclass(frozen=True)
@@ -303,3 +303,29 @@ def test_cancel_checks_are_rate_limited():
         s.run_once()
     # one check when queued (admission) + one per 20 ms while active, not one per 5 ms step
     assert 2 <= len(asked) <= 4
+
+
+def test_unary_jobs_hold_the_whole_answer_in_one_final():
+    """Unary serving: a final-only coalescer per job and a BlockingSink that execute() waits on."""
+    s = Scheduler(FakeEngine, max_active=4).start()
+    try:
+        sinks = [BlockingSink() for _ in range(3)]
+        s.submit([Job(chat_request=r, sink=k, coalescer=StreamCoalescer(None))
+                  for r, k in zip(({"n": 2}, {"n": 3}, {"bad": True, "n": 1}), sinks)])
+        assert all(k.wait(5) for k in sinks)
+    finally:
+        s.stop()
+    assert [k.arrays["TEXT"][0, 0] for k in sinks[:2]] == [b"w1 w2 ", b"w1 w2 w3 "]
+    assert [k.arrays["TOKEN_IDS"].tolist() for k in sinks[:2]] == [[[101, 102]], [[101, 102, 103]]]
+    assert sinks[2].arrays is None and sinks[2].error == ("invalid argument: prompt too long", INVALID_ARG)
+
+
+def test_join_running_false_admits_only_into_an_idle_engine():
+    s = Scheduler(FakeEngine, max_active=8, join_running=False)
+    s.submit(jobs({"n": 3}))
+    s.run_once()
+    late = jobs({"n": 1})
+    s.submit(late)
+    drain(s)
+    assert s.engine.step_sizes == [1, 1, 1, 1] and s.stats.joins == 0
+    assert len(late[0].sink.finals) == 1

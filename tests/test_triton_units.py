@@ -1,17 +1,16 @@
-"""The Triton adapters' logic without Triton: request parsing and defaults, the batch streaming loop with a fake
-model (one final reply per request, error isolation), settings validation, and config rendering."""
+"""The Triton adapters' logic without Triton: request parsing and defaults, settings validation, and config
+rendering."""
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from conftest import TINY
-from videochat.launch.render import SOURCE_REPOSITORY, RepoOptions, render_repository
-from videochat.serving.llm import run_batch
+from videochat_client import schema
+from videochat.launch.render import RepoOptions, render_repository
 from videochat.serving.requests import (CHAT_FIELDS, RequestError, chat_fields_to_arrays, getter_from_mapping,
                                         parse_chat_fields, parse_media_options)
 from videochat.serving.settings import LLMSettings, SettingsError
@@ -49,54 +48,6 @@ def test_media_options():
         parse_media_options(getter_from_mapping({"NUM_SEGMENTS": np.array([[0]], np.int32)}))
 
 
-@dataclass
-class Ev:
-    token_id: int | None
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    prompt_tokens: int = 10
-
-
-class FakeModel:
-    """Request r generates r["n"] tokens; r["boom"] makes the batched call fail before the first step."""
-    def __init__(self):
-        self.calls = []
-
-    def generate_stream(self, requests, should_stop=None):
-        self.calls.append(len(requests))
-        if len(requests) > 1 and any(r.get("boom") for r in requests):
-            raise ValueError("prompt too long")
-        if requests[0].get("boom"):
-            raise ValueError("prompt too long")
-        step = 0
-        while True:
-            step += 1
-            events = [None if step > r["n"] else Ev(step, f"t{step} ", step == r["n"], "length" if step == r["n"] else None)
-                      for r in requests]
-            if all(e is None for e in events):
-                return
-            yield events
-
-
-def test_run_batch_streaming_and_unary_one_final_each():
-    reqs = [{"n": 2}, {"n": 3}]
-    stream = list(run_batch(FakeModel(), reqs, should_stop=lambda i: False, streaming=True))
-    assert [(r.index, r.final) for r in stream] == [(0, False), (1, False), (0, True), (1, False), (1, True)]
-    unary = list(run_batch(FakeModel(), reqs, should_stop=lambda i: False, streaming=False))
-    assert [(r.index, r.arrays["TEXT"][0, 0], r.arrays["TOKEN_IDS"].tolist()) for r in unary] == \
-        [(0, b"t1 t2 ", [[1, 2]]), (1, b"t1 t2 t3 ", [[1, 2, 3]])]
-    assert unary[1].arrays["FINISH_REASON"][0, 0] == b"length"
-
-
-def test_run_batch_isolates_a_failing_request():
-    model = FakeModel()
-    replies = [r for r in run_batch(model, [{"n": 1}, {"n": 1, "boom": True}], should_stop=lambda i: False,
-                                    streaming=False)]
-    assert model.calls == [2, 1, 1]
-    assert {r.index: r.error for r in replies} == {0: None, 1: "generation failed: ValueError: prompt too long"}
-
-
 def test_settings_reject_bad_config():
     args = {"model_config": json.dumps({"parameters": {"checkpoint_path": {"string_value": str(TINY)},
                                                        "dtype": {"string_value": "int8"}}}),
@@ -124,16 +75,20 @@ def test_render_gpu_unary_no_batching(tmp_path):
     assert "preferred_batch_size" not in llm
 
 
-def test_templates_carry_every_chat_field():
-    pre = (SOURCE_REPOSITORY / "preprocessing" / "config.pbtxt.template").read_text()
-    llm = (SOURCE_REPOSITORY / "videochat_llm" / "config.pbtxt.template").read_text()
-    ens = (SOURCE_REPOSITORY / "videochat" / "config.pbtxt.template").read_text()
+def test_rendered_configs_match_the_wire_schema(tmp_path):
+    """config.pbtxt is rendered from videochat_client.schema: every public tensor with its type, dims and
+    optional flag, every chat field passed between the steps, and every output mapped back."""
+    repo = render_repository(RepoOptions(checkpoint=TINY), tmp_path / "repo")
+    pre, llm, ens = ((repo / m / "config.pbtxt").read_text() for m in ("preprocessing", "videochat_llm", "videochat"))
+    declared = re.findall(r'\{ name: "([a-z_]+)" data_type: (\w+) dims: \[ ([-\d, ]+) \]( optional: true)? \}', ens)
+    assert declared == [(f.name, f.pbtxt_type, ", ".join(map(str, f.dims)), " optional: true" if f.optional else "")
+                        for f in schema.INPUTS + schema.OUTPUTS]
     for f in CHAT_FIELDS:
         name = f.name.upper()
         assert f'name: "REQ_{name}"' in pre and f'name: "{name}"' in llm
         assert f'input_map {{ key: "{name}" value: "REQ_{name}" }}' in ens
-    public = re.findall(r'\{ name: "([a-z_]+)"', ens)
-    assert public[:2] == ["video", "prompt"] and len(public) == 16 + 5
+    for f in schema.OUTPUTS:
+        assert f'output_map {{ key: "{f.internal}" value: "{f.name}" }}' in ens and f'name: "{f.internal}"' in llm
 
 
 def test_render_inflight_and_cache_parameters(tmp_path):
@@ -154,13 +109,13 @@ def test_llm_settings_inflight_defaults():
     config = {"parameters": {"checkpoint_path": {"string_value": str(TINY)}}, "max_batch_size": 12,
               "model_transaction_policy": {"decoupled": True}}
     s = LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
-    assert (s.inflight, s.max_active, s.stream_interval_ms, s.visual_cache_bytes) == (True, 12, 20, 0)
+    assert (s.batching, s.max_active, s.stream_interval_ms, s.visual_cache_bytes) == ("inflight", 12, 20, 0)
     config["parameters"]["batching"] = {"string_value": "static"}
     config["parameters"]["stream_interval_ms"] = {"string_value": "-1"}
     with pytest.raises(SettingsError, match="stream_interval_ms"):
         LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
     del config["parameters"]["stream_interval_ms"]
-    assert not LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"}).inflight
+    assert LLMSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"}).batching == "static"
 
 
 def test_media_key_and_cache():

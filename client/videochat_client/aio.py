@@ -20,6 +20,7 @@ from .errors import VideoChatError, is_retryable, to_error
 from .protocol import (MODEL_NAME, NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
+from .schema import DEFAULTS
 from .types import Answer, Chunk
 
 
@@ -58,7 +59,7 @@ class AsyncVideoChatClient:
                 raise to_error(e) from e
         return self._tc
 
-    def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = 8, hd_num: int = 6,
+    def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = DEFAULTS.num_segments, hd_num: int = DEFAULTS.hd_num,
                      padding: bool = False, msg: str = "", instruction: Optional[str] = None,
                      history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None
                      ) -> "AsyncConversation":
@@ -167,7 +168,7 @@ class AsyncAnswerStream:
 
 
 class AsyncConversation(ConversationBase):
-    async def ask(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+    async def ask(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,
                   temperature: Optional[float] = None, top_p: Optional[float] = None,
                   top_k: Optional[int] = None, repetition_penalty: Optional[float] = None,
                   seed: Optional[int] = None, timeout: Any = NOT_GIVEN) -> Answer:
@@ -179,7 +180,7 @@ class AsyncConversation(ConversationBase):
         assert stream.answer is not None
         return stream.answer
 
-    def ask_stream(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+    def ask_stream(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,
                    temperature: Optional[float] = None, top_p: Optional[float] = None,
                    top_k: Optional[int] = None, repetition_penalty: Optional[float] = None,
                    seed: Optional[int] = None, timeout: Any = NOT_GIVEN) -> AsyncAnswerStream:

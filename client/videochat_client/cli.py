@@ -15,6 +15,7 @@ from typing import List, Optional
 from .client import VideoChatClient
 from .conversation import Conversation
 from .errors import InvalidArgument, Unavailable, VideoChatError
+from .schema import DEFAULTS
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_URL = os.environ.get("VIDEOCHAT_URL", "localhost:8001")
@@ -50,8 +51,8 @@ def _connection(p: argparse.ArgumentParser) -> None:
 def _media(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("media")
     g.add_argument("--image", action="store_true", help="the input is one image (or use one frame of the video)")
-    g.add_argument("--num-segments", type=int, default=8, help="frames sampled (default %(default)s)")
-    g.add_argument("--hd-num", type=int, default=6, help="max tiles with --padding (default %(default)s)")
+    g.add_argument("--num-segments", type=int, default=DEFAULTS.num_segments, help="frames sampled (default %(default)s)")
+    g.add_argument("--hd-num", type=int, default=DEFAULTS.hd_num, help="max tiles with --padding (default %(default)s)")
     g.add_argument("--padding", action="store_true", help="HD mode with padding")
     g.add_argument("--msg", default="", help="system text after the media (model card's msg)")
     g.add_argument("--instruction", default=None, help="QFormer/LLM instruction")
@@ -59,7 +60,7 @@ def _media(p: argparse.ArgumentParser) -> None:
 
 def _generation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (greedy unless --sample)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)

@@ -23,6 +23,7 @@ from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
 from .protocol import (CHANNEL_ARGS, MODEL_NAME, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
+from .schema import DEFAULTS
 from .types import Chunk
 
 # Extra wait beyond the gRPC deadline before the client gives up on a silent stream itself.
@@ -119,7 +120,7 @@ class VideoChatClient:
         c.close()
 
     # -- conversations ---------------------------------------------------------------------------------
-    def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = 8, hd_num: int = 6,
+    def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = DEFAULTS.num_segments, hd_num: int = DEFAULTS.hd_num,
                      padding: bool = False, msg: str = "", instruction: Optional[str] = None,
                      history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None):
         """A multi-turn conversation about one video (or image). `history` continues an earlier one."""

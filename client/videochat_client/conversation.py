@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Uni
 
 from .errors import InvalidArgument
 from .protocol import NOT_GIVEN, AnswerBuilder, GenerationOptions, History, MediaOptions, VideoLike, load_media
+from .schema import DEFAULTS
 from .types import Answer, Chunk
 
 JSON_VERSION = 1
@@ -128,7 +129,7 @@ class AnswerStream:
 class Conversation(ConversationBase):
     """Sync conversation; made by `VideoChatClient.conversation(...)` or `Conversation.from_json(...)`."""
 
-    def ask(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+    def ask(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,
             temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
             repetition_penalty: Optional[float] = None, seed: Optional[int] = None, timeout=NOT_GIVEN) -> Answer:
         """One turn; returns the whole Answer and appends (question, answer.text) to the history."""
@@ -140,7 +141,7 @@ class Conversation(ConversationBase):
         assert stream.answer is not None
         return stream.answer
 
-    def ask_stream(self, question: str, *, max_new_tokens: int = 200, do_sample: bool = False,
+    def ask_stream(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,
                    temperature: Optional[float] = None, top_p: Optional[float] = None,
                    top_k: Optional[int] = None, repetition_penalty: Optional[float] = None,
                    seed: Optional[int] = None, timeout=NOT_GIVEN) -> AnswerStream:

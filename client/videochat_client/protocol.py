@@ -14,11 +14,13 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferResult
+from tritonclient.utils import triton_to_np_dtype
 
+from . import schema
 from .errors import InvalidArgument, ServerError
+from .schema import DEFAULTS, MODEL_NAME, MediaOptions
 from .types import Answer, Chunk, Timings, Usage
 
-MODEL_NAME = "videochat"
 NOT_GIVEN: Any = object()   # "use the client's default" for per-call options such as timeout
 # gRPC's hard ceiling for one message is 2 GiB - 1; keep headroom for the other tensors and framing.
 MAX_VIDEO_BYTES = 2**31 - 1 - 16 * 2**20
@@ -37,22 +39,10 @@ VideoLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
-class MediaOptions:
-    """How the server samples the media (defaults = the model card)."""
-
-    image: bool = False
-    num_segments: int = 8
-    hd_num: int = 6
-    padding: bool = False
-    msg: str = ""
-    instruction: Optional[str] = None
-
-
-@dataclass(frozen=True)
 class GenerationOptions:
     """Sampling knobs; None = server default (docs/interfaces.md). Greedy unless do_sample."""
 
-    max_new_tokens: int = 200
+    max_new_tokens: int = DEFAULTS.max_new_tokens
     do_sample: bool = False
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -85,46 +75,30 @@ def load_media(video: VideoLike) -> bytes:
     return data
 
 
-def _tensor(name: str, value: np.ndarray, dtype: str) -> InferInput:
-    t = InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value)
-    return t
-
-
-def _bytes(name: str, value: Union[str, bytes]) -> InferInput:
-    raw = value.encode("utf-8") if isinstance(value, str) else value
-    return _tensor(name, np.array([[raw]], dtype=np.object_), "BYTES")
-
-
 def build_inputs(*, video: bytes, prompt: str, history: Sequence[Tuple[str, str]] = (),
                  media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions()
                  ) -> List[InferInput]:
-    """The request tensors for one turn. Optional inputs left at None are not sent (server default)."""
+    """The request tensors for one turn, in schema order. Inputs left at None are not sent (server default)."""
     if not isinstance(prompt, str):
         raise InvalidArgument(f"question must be a str, got {type(prompt).__name__}")
-    inputs = [_bytes("video", video), _bytes("prompt", prompt)]
-    if history:
-        inputs.append(_bytes("history", json.dumps([[q, a] for q, a in history], ensure_ascii=False)))
-    if media.msg:
-        inputs.append(_bytes("msg", media.msg))
-    if media.instruction is not None:
-        inputs.append(_bytes("instruction", media.instruction))
-    scalars = [
-        ("image", media.image, np.bool_, "BOOL"),
-        ("num_segments", media.num_segments, np.int32, "INT32"),
-        ("hd_num", media.hd_num, np.int32, "INT32"),
-        ("padding", media.padding, np.bool_, "BOOL"),
-        ("max_new_tokens", gen.max_new_tokens, np.int32, "INT32"),
-        ("do_sample", gen.do_sample, np.bool_, "BOOL"),
-        ("temperature", gen.temperature, np.float32, "FP32"),
-        ("top_p", gen.top_p, np.float32, "FP32"),
-        ("top_k", gen.top_k, np.int32, "INT32"),
-        ("repetition_penalty", gen.repetition_penalty, np.float32, "FP32"),
-        ("seed", gen.seed, np.int64, "INT64"),
-    ]
-    for name, value, np_dtype, dtype in scalars:
-        if value is not None:
-            inputs.append(_tensor(name, np.array([[value]], dtype=np_dtype), dtype))
+    values = {
+        "video": video, "prompt": prompt,
+        "history": json.dumps([[q, a] for q, a in history], ensure_ascii=False) if history else None,
+        "msg": media.msg or None, "instruction": media.instruction, "image": media.image,
+        "num_segments": media.num_segments, "hd_num": media.hd_num, "padding": media.padding,
+        "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "temperature": gen.temperature,
+        "top_p": gen.top_p, "top_k": gen.top_k, "repetition_penalty": gen.repetition_penalty, "seed": gen.seed,
+    }
+    inputs = []
+    for field in schema.INPUTS:
+        value = values[field.name]
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        t = InferInput(field.name, [1, *field.dims], field.triton_type)
+        t.set_data_from_numpy(np.array([[value]], dtype=triton_to_np_dtype(field.triton_type)))
+        inputs.append(t)
     return inputs
 
 

@@ -14,6 +14,7 @@ created on first use. Importing this module does not import torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,9 +23,15 @@ import tempfile
 from pathlib import Path
 
 from videochat.launch.render import ENSEMBLE, RepoOptions, render_repository
+from videochat.serving.settings import BATCHING_MODES, DTYPES
 from videochat.launch.tritonserver import Endpoints, LaunchError, TritonServer, find_triton
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
+
+
+def _default(option: str):
+    """The flag's default is RepoOptions' (one place for each)."""
+    return next(f.default for f in dataclasses.fields(RepoOptions) if f.name == option)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,32 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--max-batch-size", type=int, default=8, help="1 turns dynamic batching off")
-    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+    p.add_argument("--max-batch-size", type=int, default=_default("max_batch_size"), help="1 turns dynamic batching off")
+    p.add_argument("--max-queue-delay-us", type=int, default=_default("max_queue_delay_us"),
                    help="how long the dynamic batcher waits for batch-mates")
-    p.add_argument("--instances", type=int, default=1, help="videochat_llm instances (per GPU with cuda)")
+    p.add_argument("--instances", type=int, default=_default("instances"), help="videochat_llm instances (per GPU with cuda)")
     p.add_argument("--preprocess-instances", type=int, default=min(4, os.cpu_count() or 1),
                    help="CPU video-decoding instances")
     p.add_argument("--decoupled-mode", choices=("true", "false"), default="true",
                    help="true: stream tokens (stream_infer); false: one response per request (plain ModelInfer)")
-    p.add_argument("--batching", choices=("inflight", "static"), default="inflight",
-                   help="decoupled mode: inflight = new requests join the running batch between decode steps; "
-                        "static = one batch per execute, runs to its longest answer")
-    p.add_argument("--max-active", type=int, default=0,
+    p.add_argument("--batching", choices=BATCHING_MODES, default=_default("batching"),
+                   help="inflight = new requests join the running batch between decode steps; "
+                        "static = they join only an idle batch, which runs to its longest answer (a baseline)")
+    p.add_argument("--max-active", type=int, default=_default("max_active"),
                    help="in-flight batching: most sequences in the running batch (default: --max-batch-size)")
-    p.add_argument("--stream-interval-ms", type=int, default=20,
+    p.add_argument("--stream-interval-ms", type=int, default=_default("stream_interval_ms"),
                    help="in-flight streaming: first token at once, then merge tokens for at least this long "
                         "per response (0 = one response per token)")
-    p.add_argument("--media-cache-mb", type=int, default=512,
+    p.add_argument("--media-cache-mb", type=int, default=_default("media_cache_mb"),
                    help="per preprocessing instance: LRU of decoded videos by content hash (0 = off)")
-    p.add_argument("--visual-cache-mb", type=int, default=256,
+    p.add_argument("--visual-cache-mb", type=int, default=_default("visual_cache_mb"),
                    help="per videochat_llm instance: LRU of visual tokens by content hash, skips ViT + QFormer "
                         "for a repeated video (0 = off)")
-    p.add_argument("--decode-threads", type=int, default=1,
+    p.add_argument("--decode-threads", type=int, default=_default("decode_threads"),
                    help="CPU, in-flight: torch intra-op threads of a decode step (vision/prefill keep torch's "
                         "default); 0 = torch's default for both")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_new_tokens accepted")
+    p.add_argument("--dtype", choices=DTYPES, default=_default("dtype"))
+    p.add_argument("--max-new-tokens-limit", type=int, default=_default("max_new_tokens_limit"),
+                   help="largest max_new_tokens accepted")
+    p.add_argument("--max-video-bytes", type=int, default=_default("max_video_bytes"),
+                   help="largest upload accepted (bytes)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help=f"rendered repository, server copy, logs and demo checkpoint (default {DEFAULT_WORK_DIR})")
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful drain limit on SIGTERM")
@@ -74,9 +84,9 @@ def resolve_device(device: str) -> str:
     """auto -> cuda if torch sees a GPU (checked in a subprocess so this process stays torch-free)."""
     if device != "auto":
         return device
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True)
-    return "cuda" if probe.stdout.strip() == "True" else "cpu"
+    probe = subprocess.run([sys.executable, "-c", "from videochat.model.videochat_model import resolve_device; "
+                            "print(resolve_device('auto').type)"], capture_output=True, text=True)
+    return "cuda" if probe.stdout.strip() == "cuda" else "cpu"
 
 
 def ensure_demo_checkpoint(path: Path) -> Path:
@@ -101,7 +111,8 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                        instances=args.instances, preprocess_instances=args.preprocess_instances,
                        decoupled=args.decoupled_mode == "true", dtype=args.dtype,
-                       max_new_tokens_limit=args.max_new_tokens_limit, batching=args.batching,
+                       max_new_tokens_limit=args.max_new_tokens_limit, max_video_bytes=args.max_video_bytes,
+                       batching=args.batching,
                        max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
                        media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb,
                        decode_threads=args.decode_threads)

@@ -11,6 +11,9 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from videochat_client import schema
+
+from videochat.serving.requests import MEDIA_INFO, PIXEL_DIMS, PIXEL_VALUES, REQ_PREFIX
 from videochat.serving.settings import (BATCHING_MODES, DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES,
                                        DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS, DEFAULT_VISUAL_CACHE_MB,
                                        DTYPES)
@@ -33,7 +36,7 @@ class RepoOptions:
     dtype: str = "auto"
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
-    batching: str = "inflight"              # decoupled only: "inflight" (joins between steps) or "static"
+    batching: str = "inflight"              # "inflight" (joins between steps) or "static" (joins an idle batch)
     max_active: int = 0                     # running-batch limit of in-flight batching; 0 = max_batch_size
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed tokens; 0 = every token
     media_cache_mb: int = DEFAULT_MEDIA_CACHE_MB            # preprocessing output cache per instance; 0 = off
@@ -72,7 +75,7 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
     common = {"max_batch_size": opts.max_batch_size, "max_new_tokens_limit": opts.max_new_tokens_limit}
     _render_model(source / PREPROCESSING, out_dir / PREPROCESSING, {
         **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes,
-        "media_cache_mb": opts.media_cache_mb})
+        "media_cache_mb": opts.media_cache_mb, **preprocessing_blocks()})
     variants = [("", opts.decoupled)] + ([(UNARY_SUFFIX, False)] if opts.extra_unary_variant else [])
     for suffix, decoupled in variants:
         _render_model(source / LLM, out_dir / (LLM + suffix), {
@@ -83,10 +86,61 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
             "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype,
             "batching": opts.batching, "max_active": opts.max_active or opts.max_batch_size,
             "stream_interval_ms": opts.stream_interval_ms, "visual_cache_mb": opts.visual_cache_mb,
-            "decode_threads": opts.decode_threads})
+            "decode_threads": opts.decode_threads, **llm_blocks()})
         _render_model(source / ENSEMBLE, out_dir / (ENSEMBLE + suffix), {
-            **common, "name": ENSEMBLE + suffix, "llm_name": LLM + suffix})
+            **common, "name": ENSEMBLE + suffix, **ensemble_blocks(LLM + suffix)})
     return out_dir
+
+
+# -- tensor blocks, all from videochat_client.schema ---------------------------------------------------------
+def _tensor(name: str, pbtxt_type: str, dims: tuple[int, ...], extra: str = "") -> str:
+    return f'  {{ name: "{name}" data_type: {pbtxt_type} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+
+
+def _block(kind: str, lines: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(lines) + "\n]"
+
+
+def _optional(f: schema.Field) -> str:
+    return " optional: true" if f.optional else ""
+
+
+_PIXELS = (PIXEL_VALUES, "TYPE_FP16", PIXEL_DIMS)
+_INFO = (MEDIA_INFO, "TYPE_STRING", (1,))
+
+
+def ensemble_blocks(llm_name: str) -> dict[str, str]:
+    inputs = [_tensor(f.name, f.pbtxt_type, f.dims, _optional(f)) for f in schema.INPUTS]
+    outputs = [_tensor(f.name, f.pbtxt_type, f.dims) for f in schema.OUTPUTS]
+    pre_in = [f'      input_map {{ key: "{f.internal}" value: "{f.name}" }}' for f in schema.INPUTS]
+    between = [PIXEL_VALUES, MEDIA_INFO] + [REQ_PREFIX + f.internal for f in schema.CHAT_INPUTS]
+    pre_out = [f'      output_map {{ key: "{n}" value: "{n}" }}' for n in between]
+    llm_in = [f'      input_map {{ key: "{n}" value: "{n}" }}' for n in (PIXEL_VALUES, MEDIA_INFO)]
+    llm_in += [f'      input_map {{ key: "{f.internal}" value: "{REQ_PREFIX + f.internal}" }}' for f in schema.CHAT_INPUTS]
+    llm_out = [f'      output_map {{ key: "{f.internal}" value: "{f.name}" }}' for f in schema.OUTPUTS]
+
+    def step(model: str, maps: list[str]) -> str:
+        return "    {\n" + f'      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
+
+    scheduling = ("ensemble_scheduling {\n  step [\n" + step(PREPROCESSING, pre_in + pre_out) + ",\n"
+                  + step(llm_name, llm_in + llm_out) + "\n  ]\n}")
+    return {"inputs": _block("input", inputs), "outputs": _block("output", outputs),
+            "ensemble_scheduling": scheduling}
+
+
+def preprocessing_blocks() -> dict[str, str]:
+    inputs = [_tensor(f.internal, f.pbtxt_type, f.dims, _optional(f)) for f in schema.INPUTS]
+    outputs = [_tensor(*_PIXELS), _tensor(*_INFO)]
+    outputs += [_tensor(REQ_PREFIX + f.internal, f.pbtxt_type, f.dims) for f in schema.CHAT_INPUTS]
+    return {"inputs": _block("input", inputs), "outputs": _block("output", outputs)}
+
+
+def llm_blocks() -> dict[str, str]:
+    # ragged: requests with different clip/frame counts batch together (each keeps its own shape)
+    inputs = [_tensor(*_PIXELS, " allow_ragged_batch: true"), _tensor(*_INFO)]
+    inputs += [_tensor(f.internal, f.pbtxt_type, f.dims) for f in schema.CHAT_INPUTS]   # all required
+    outputs = [_tensor(f.internal, f.pbtxt_type, f.dims) for f in schema.OUTPUTS]
+    return {"inputs": _block("input", inputs), "outputs": _block("output", outputs)}
 
 
 def _render_model(src: Path, dst: Path, values: dict) -> None:

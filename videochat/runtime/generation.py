@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from videochat_client.schema import DEFAULTS
 
 from videochat.runtime.chat_format import History, MediaType, append_turn, normalize_history
 
@@ -51,12 +52,12 @@ class GenerationParams:
     """Per-request decoding settings; defaults = the model card's greedy 200-token call (+ HF's sampling
     defaults used only when `do_sample`). `top_k=0` and `top_p=1.0` switch those filters off."""
 
-    max_new_tokens: int = 200
+    max_new_tokens: int = DEFAULTS.max_new_tokens
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int = DEFAULTS.top_k
+    repetition_penalty: float = DEFAULTS.repetition_penalty
     seed: int | None = None
 
     def __post_init__(self):

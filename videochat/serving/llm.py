@@ -1,22 +1,18 @@
-"""videochat_llm's logic: gather valid requests -> one `generate_stream` over the batch -> scatter responses.
-
-Pure of Triton: `run_batch` takes the model, the parsed requests and a `should_stop(i)` callback and yields
-`Reply(index, arrays | error, final)`; the adapter turns each reply into a `pb_utils.InferenceResponse`
-(decoupled: sent as it comes; unary: only the final ones, collected).
+"""videochat_llm's request and response side, pure of Triton: its inputs -> a `ChatRequest`, token events ->
+response tensors (`StreamCoalescer`), and the CPU thread policy of the engine. The batching itself is
+`videochat.serving.scheduler`, the one path for streaming and unary alike.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from videochat.serving.requests import (CHAT_FIELDS, ChatFields, Getter, RequestError, parse_chat_fields,
-                                        parse_media_info, scalar)
+from videochat.serving.requests import (MEDIA_INFO, PIXEL_VALUES, ChatFields, Getter, RequestError,
+                                        parse_chat_fields, parse_media_info, scalar)
 
-OUTPUT_NAMES = ("TEXT", "TOKEN_IDS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
-LLM_INPUT_NAMES = ("PIXEL_VALUES", "MEDIA_INFO") + tuple(f.name.upper() for f in CHAT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -32,8 +28,8 @@ def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedReque
     from videochat.runtime.generation import ChatRequest, GenerationParams
 
     fields: ChatFields = parse_chat_fields(get, max_new_tokens_limit=max_new_tokens_limit)
-    info = parse_media_info(scalar(get, "MEDIA_INFO"))
-    pixels = get("PIXEL_VALUES")
+    info = parse_media_info(scalar(get, MEDIA_INFO))
+    pixels = get(PIXEL_VALUES)
     if pixels is None or pixels.ndim != 6 or pixels.shape[0] != 1 or 0 in pixels.shape:
         raise RequestError(f"PIXEL_VALUES must be [1, clips, T, 3, H, W], got {None if pixels is None else list(pixels.shape)}")
     media_type = info["media_type"]
@@ -137,52 +133,6 @@ class StreamCoalescer:
         self._text, self._ids, self._last_send = [], [], now
         self.sent_responses += 1
         return arrays, event.finished
-
-
-@dataclass(frozen=True)
-class Reply:
-    index: int                              # position in the batch given to run_batch
-    arrays: dict[str, np.ndarray] | None    # None when error is set
-    final: bool
-    error: str | None = None                # message for an INTERNAL error (a bug, not the client's fault)
-
-
-def run_batch(model: Any, requests: Sequence[Any], *, should_stop: Callable[[int], bool],
-              streaming: bool) -> Iterator[Reply]:
-    """One `generate_stream` over all requests. Streaming: a Reply per token event; unary: only finals.
-
-    Each request always ends with exactly one final Reply. If the batched call fails before producing anything
-    (e.g. one request's prompt is too long), each request is retried alone so only the culprit fails; a failure
-    after tokens were sent ends the unfinished requests with an error Reply.
-    """
-    coalescers = [StreamCoalescer(0.0 if streaming else None) for _ in requests]
-    failed = yield from _stream(model, requests, list(range(len(requests))), coalescers, should_stop)
-    if failed is not None and len(requests) > 1 and not any(c.events for c in coalescers):
-        for i in range(len(requests)):
-            error = yield from _stream(model, requests, [i], coalescers, should_stop)
-            if error is not None:
-                yield Reply(i, None, final=True, error=error)
-        return
-    for i, c in enumerate(coalescers):
-        if not c.finished:
-            yield Reply(i, None, final=True, error=failed or "generation ended without a final token")
-
-
-def _stream(model, requests, indices, coalescers, should_stop):
-    """Generator: run `indices` together; returns None or the error message (unfinished ones stay so)."""
-    try:
-        stream = model.generate_stream([requests[i] for i in indices], should_stop=lambda j: should_stop(indices[j]))
-        for step in stream:
-            for j, event in enumerate(step):
-                i = indices[j]
-                if event is None or coalescers[i].finished:
-                    continue
-                arrays, final = coalescers[i].push(event)
-                if arrays is not None:
-                    yield Reply(i, arrays, final=final)
-    except Exception as exc:  # noqa: BLE001 - becomes an error reply, never a dropped request
-        return f"generation failed: {type(exc).__name__}: {exc}"[:500]
-    return None
 
 
 def batch_stats(parsed: Sequence[ParsedRequest]) -> dict[str, int]:

@@ -11,11 +11,11 @@ import hashlib
 import numpy as np
 
 from videochat.runtime.byte_lru import ByteLRU
-from videochat.serving.requests import (Getter, MediaOptions, RequestError, chat_fields_to_arrays,
-                                        media_info_json, parse_chat_fields, parse_media_options, video_bytes)
+from videochat.serving.requests import (MEDIA_INFO, PIXEL_VALUES, RESOLUTION, Getter, MediaOptions, RequestError,
+                                        chat_fields_to_arrays, media_info_json, parse_chat_fields,
+                                        parse_media_options, video_bytes)
 from videochat.serving.settings import PreprocessSettings
-
-RESOLUTION = 224  # the model's input size; PIXEL_VALUES dims in config.pbtxt say the same
+from videochat_client.schema import LIMITS
 
 
 def media_key(data: bytes, opts: MediaOptions) -> str:
@@ -53,20 +53,22 @@ def preprocess_request(get: Getter, settings: PreprocessSettings,
     if cached is not None:
         pixels, info = cached
     else:
-        pixels, info = _decode(data, opts, key)
+        pixels, info = _decode(data, opts, key, max_bytes=settings.max_video_bytes)
         if cache is not None and cache.max_bytes > 0:
             cache.put(key, pixels, info)
-    out = {"PIXEL_VALUES": pixels, "MEDIA_INFO": np.array([[info]], dtype=np.object_)}
+    out = {PIXEL_VALUES: pixels, MEDIA_INFO: np.array([[info]], dtype=np.object_)}
     out.update(chat_fields_to_arrays(chat))
     return out
 
 
-def _decode(data: bytes, opts: MediaOptions, key: str) -> tuple[np.ndarray, bytes]:
-    from preprocessing import VideoDecodeError, preprocess
+def _decode(data: bytes, opts: MediaOptions, key: str, *, max_bytes: int) -> tuple[np.ndarray, bytes]:
+    from preprocessing import Limits, VideoDecodeError, preprocess
 
+    # The library's limits, with the two the API also bounds set to the API's values (one source each).
+    limits = Limits(max_bytes=max_bytes, max_segments=LIMITS.max_num_segments)
     try:
         result = preprocess(data, num_segments=opts.num_segments, resolution=RESOLUTION, hd_num=opts.hd_num,
-                            padding=opts.padding, image=opts.image)
+                            padding=opts.padding, image=opts.image, limits=limits)
     except VideoDecodeError as exc:
         raise RequestError(f"bad video: {exc}") from None
     except ValueError as exc:

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from tritonclient.utils import triton_to_np_dtype
+from videochat_client import schema
+from videochat_client.schema import LIMITS, NO_SEED, MediaOptions
 
 Getter = Callable[[str], "np.ndarray | None"]
 
-# Bounds checked here, before any decoding or GPU work. They are API limits, not model facts.
-MAX_NUM_SEGMENTS = 64
-MAX_HD_NUM = 24
-MAX_TEXT_BYTES = 64 * 1024
-MAX_HISTORY_TURNS = 64
-NO_SEED = -1  # REQ_SEED value meaning "no seed given"
+# Tensors between the ensemble's steps (not public; the public ones are videochat_client.schema).
+PIXEL_VALUES, MEDIA_INFO, REQ_PREFIX = "PIXEL_VALUES", "MEDIA_INFO", "REQ_"
+RESOLUTION = 224   # the vision encoder's input side (VisionConfig.img_size; a test ties the two)
+PIXEL_DIMS = (-1, -1, 3, RESOLUTION, RESOLUTION)   # [clips, T, 3, R, R], fp16
 
 
 class RequestError(ValueError):
@@ -50,28 +51,8 @@ class ChatField:
 
 
 # Order = the order of the REQ_* outputs in preprocessing and the inputs of videochat_llm.
-CHAT_FIELDS: tuple[ChatField, ...] = (
-    ChatField("prompt", np.object_, None),
-    ChatField("history", np.object_, "[]"),
-    ChatField("msg", np.object_, ""),
-    ChatField("instruction", np.object_, ""),       # "" means no instruction
-    ChatField("max_new_tokens", np.int32, 200),
-    ChatField("do_sample", np.bool_, False),
-    ChatField("temperature", np.float32, 1.0),
-    ChatField("top_p", np.float32, 0.9),
-    ChatField("top_k", np.int32, 0),
-    ChatField("repetition_penalty", np.float32, 1.0),
-    ChatField("seed", np.int64, NO_SEED),
-)
-
-
-@dataclass(frozen=True)
-class MediaOptions:
-    """What preprocessing needs besides the bytes."""
-    image: bool = False
-    num_segments: int = 8
-    hd_num: int = 6
-    padding: bool = False
+CHAT_FIELDS: tuple[ChatField, ...] = tuple(
+    ChatField(f.name, np.dtype(triton_to_np_dtype(f.triton_type)).type, f.default) for f in schema.CHAT_INPUTS)
 
 
 def scalar(get: Getter, name: str, default: Any = None) -> Any:
@@ -91,8 +72,8 @@ def scalar(get: Getter, name: str, default: Any = None) -> Any:
 def text(get: Getter, name: str, default: str | None = None) -> str:
     value = scalar(get, name, default)
     if isinstance(value, bytes):
-        if len(value) > MAX_TEXT_BYTES:
-            raise RequestError(f"input '{name.lower()}' is longer than {MAX_TEXT_BYTES} bytes")
+        if len(value) > LIMITS.max_text_bytes:
+            raise RequestError(f"input '{name.lower()}' is longer than {LIMITS.max_text_bytes} bytes")
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
@@ -100,7 +81,7 @@ def text(get: Getter, name: str, default: str | None = None) -> str:
     return str(value)
 
 
-def video_bytes(get: Getter, name: str = "VIDEO") -> bytes:
+def video_bytes(get: Getter, name: str = schema.INPUT_BY_NAME["video"].internal) -> bytes:
     value = scalar(get, name)
     if not isinstance(value, bytes):
         raise RequestError(f"input '{name.lower()}' must be BYTES")
@@ -108,17 +89,12 @@ def video_bytes(get: Getter, name: str = "VIDEO") -> bytes:
 
 
 def parse_media_options(get: Getter) -> MediaOptions:
-    opts = MediaOptions(
-        image=bool(scalar(get, "IMAGE", False)),
-        num_segments=int(scalar(get, "NUM_SEGMENTS", MediaOptions.num_segments)),
-        hd_num=int(scalar(get, "HD_NUM", MediaOptions.hd_num)),
-        padding=bool(scalar(get, "PADDING", False)),
-    )
-    if not 1 <= opts.num_segments <= MAX_NUM_SEGMENTS:
-        raise RequestError(f"num_segments must be in [1, {MAX_NUM_SEGMENTS}], got {opts.num_segments}")
-    if not 1 <= opts.hd_num <= MAX_HD_NUM:
-        raise RequestError(f"hd_num must be in [1, {MAX_HD_NUM}], got {opts.hd_num}")
-    return opts
+    values = {f.name: scalar(get, f.internal, f.default) for f in schema.MEDIA_INPUTS if f.name != "video"}
+    for f in schema.MEDIA_INPUTS:
+        if f.bounds is not None and not f.bounds[0] <= values[f.name] <= f.bounds[1]:
+            raise RequestError(f"{f.name} must be in [{f.bounds[0]}, {f.bounds[1]}], got {values[f.name]}")
+    return MediaOptions(image=bool(values["image"]), num_segments=int(values["num_segments"]),
+                        hd_num=int(values["hd_num"]), padding=bool(values["padding"]))
 
 
 def parse_history(raw: str) -> tuple[tuple[str, str], ...]:
@@ -129,8 +105,8 @@ def parse_history(raw: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(turns, list) or not all(
             isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
         raise RequestError("history must be JSON [[question, answer], ...] of strings")
-    if len(turns) > MAX_HISTORY_TURNS:
-        raise RequestError(f"history has {len(turns)} turns, at most {MAX_HISTORY_TURNS} are accepted")
+    if len(turns) > LIMITS.max_history_turns:
+        raise RequestError(f"history has {len(turns)} turns, at most {LIMITS.max_history_turns} are accepted")
     return tuple((q, a) for q, a in turns)
 
 
@@ -186,7 +162,7 @@ def check_generation(f: ChatFields, *, max_new_tokens_limit: int) -> None:
         raise RequestError(f"repetition_penalty must be > 0, got {f.repetition_penalty}")
 
 
-def chat_fields_to_arrays(f: ChatFields, *, prefix: str = "REQ_") -> dict[str, np.ndarray]:
+def chat_fields_to_arrays(f: ChatFields, *, prefix: str = REQ_PREFIX) -> dict[str, np.ndarray]:
     """ChatFields -> one [1, 1] array per CHAT_FIELDS entry (the normalised tensors between the steps)."""
     values = {
         "prompt": f.prompt, "history": json.dumps([list(t) for t in f.history]), "msg": f.msg,

@@ -15,7 +15,10 @@
   loop goes on serving the queue.
 * exactly one final response per job, whatever happens (`stop()` fails the leftovers with UNAVAILABLE).
 
-A `Sink` is what the adapter wraps a Triton response sender in; tests use a list.
+A `Sink` is what the adapter wraps a Triton response sender in; tests use a list. Unary (not decoupled)
+serving uses the same loop: each job gets a final-only coalescer and a `BlockingSink` that `execute` waits on.
+`join_running=False` admits only into an idle engine (a batch runs to its longest answer: the classic static
+batching, kept as the benchmarks' baseline).
 """
 from __future__ import annotations
 
@@ -44,6 +47,27 @@ class Engine(Protocol):
     def cancel(self, handle: int) -> Any: ...
     @property
     def num_active(self) -> int: ...
+
+
+class BlockingSink:
+    """A sink for unary serving: holds the one final response (or error) until `wait` returns it."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.error: tuple[str, str] | None = None     # (message, code)
+
+    def send(self, arrays: dict[str, np.ndarray], *, final: bool) -> None:
+        if final:
+            self.arrays = arrays
+            self._done.set()
+
+    def fail(self, message: str, *, code: str) -> None:
+        self.error = (message, code)
+        self._done.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self._done.wait(timeout_s)
 
 
 @dataclass
@@ -79,7 +103,7 @@ class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine], *, max_active: int, stream_interval_ms: float = 0.0,
                  clock: Callable[[], float] = time.monotonic, log_error: Callable[[str], None] = lambda m: None,
                  on_progress: Callable[["Scheduler"], None] | None = None,
-                 cancel_check_interval_ms: float = 0.0) -> None:
+                 cancel_check_interval_ms: float = 0.0, join_running: bool = True) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if stream_interval_ms < 0:
@@ -87,6 +111,7 @@ class Scheduler:
         self._factory = engine_factory
         self.engine = engine_factory()
         self.max_active = max_active
+        self.join_running = join_running
         self.interval_s = stream_interval_ms / 1000.0
         self.clock = clock
         self.log_error = log_error
@@ -164,6 +189,8 @@ class Scheduler:
             self.on_progress(self)
 
     def _take_newcomers(self) -> list[Job]:
+        if self._active and not self.join_running:
+            return []
         with self._cv:
             room = self.max_active - len(self._active)
             jobs = []

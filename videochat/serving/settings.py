@@ -11,10 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
-DEFAULT_MAX_VIDEO_BYTES = 256 * 1024 * 1024
+from videochat_client.schema import LIMITS
+
+DEFAULT_MAX_NEW_TOKENS_LIMIT = LIMITS.max_new_tokens
+DEFAULT_MAX_VIDEO_BYTES = LIMITS.max_video_bytes
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BATCHING_MODES = ("inflight", "static")   # decoupled only: scheduler thread (joins between steps) or per execute
+BATCHING_MODES = ("inflight", "static")   # join the running batch between decode steps, or only an idle one
 DEFAULT_STREAM_INTERVAL_MS = 20
 DEFAULT_MEDIA_CACHE_MB = 512
 DEFAULT_VISUAL_CACHE_MB = 256
@@ -80,15 +82,11 @@ class LLMSettings:
     dtype: str                  # one of DTYPES; "auto" = the model's default (fp32 on CPU, bf16 on GPU)
     decoupled: bool             # model_transaction_policy.decoupled: stream tokens or one final response
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
-    batching: str = "inflight"          # BATCHING_MODES; only used when decoupled
+    batching: str = "inflight"          # BATCHING_MODES
     max_active: int = 1                 # sequences in the running batch (in-flight); default max_batch_size
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed deltas (0 = every token)
     visual_cache_bytes: int = 0         # engine's VisualCache budget; 0 = off
     decode_threads: int = 1             # CPU in-flight: intra-op threads of a decode step; 0 = torch's default
-
-    @property
-    def inflight(self) -> bool:
-        return self.decoupled and self.batching == "inflight"
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "LLMSettings":

@@ -13,10 +13,9 @@ import json
 import sys
 from typing import Sequence
 
+from videochat_client.schema import DEFAULTS
+
 EXIT_USAGE = 2
-DEFAULT_MAX_NEW_TOKENS = 200  # model card
-DEFAULT_NUM_SEGMENTS = 8
-DEFAULT_HD_NUM = 6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,18 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, weights, tokenizers)")
     p.add_argument("--video", required=True, help="video file (or an image file with --image)")
     p.add_argument("--image", action="store_true", help="treat the input as one image (T=1)")
-    p.add_argument("--num-segments", type=int, default=DEFAULT_NUM_SEGMENTS, help="frames sampled (default 8)")
-    p.add_argument("--hd-num", type=int, default=DEFAULT_HD_NUM, help="max HD tiles with --padding (default 6)")
+    p.add_argument("--num-segments", type=int, default=DEFAULTS.num_segments,
+                   help="frames sampled (default %(default)s)")
+    p.add_argument("--hd-num", type=int, default=DEFAULTS.hd_num,
+                   help="max HD tiles with --padding (default %(default)s)")
     p.add_argument("--padding", action="store_true", help="HD mode with padding")
     p.add_argument("--msg", default="", help="text after the media in the first [INST] block (model card: '')")
     p.add_argument("--instruction", default=None, help="QFormer/LLM instruction (prepended to the prompt)")
     p.add_argument("--prompt", action="append", required=True, help="a user turn; repeat for a conversation")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS.repetition_penalty)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same for every turn)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
     p.add_argument("--json", action="store_true",

@@ -1,18 +1,17 @@
 """Triton adapter for the VideoChat model (vision encoder + QFormer + LLM).
 
-Decoupled + `batching: inflight` (the default): execute() parses the requests, hands them to the scheduler
-(videochat/serving/scheduler.py) and returns None; the scheduler's thread merges them into the running batch
-between decode steps and streams (coalesced) responses through each request's sender.
-Decoupled + `batching: static`: one generate_stream per execute, every token sent as it comes.
-Not decoupled: one generate per execute, one response per request returned by execute.
-Logic lives in videochat/serving/{llm,scheduler}.py; this file only converts tensors, errors and flags.
+Every request goes through one scheduler (videochat/serving/scheduler.py): execute() parses the requests and
+submits them; the scheduler's thread merges them into the running batch between decode steps.
+Decoupled: execute returns None and the scheduler streams (coalesced) responses through each request's sender.
+Not decoupled: each job holds its whole answer in a BlockingSink, and execute returns them once all are done.
+This file only converts tensors, errors and flags; the logic lives in videochat/serving/.
 """
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import CpuThreadsEngine, batch_stats, build_chat_request, run_batch
+from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, batch_stats, build_chat_request
 from videochat.serving.metrics import LLMMetrics
 from videochat.serving.requests import RequestError, invalid_argument
-from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, Job, Scheduler
+from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -23,46 +22,39 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
         from videochat.model.videochat_model import VideoChatModel
+        from videochat.runtime.engine import GenerationEngine
+        from videochat.runtime.visual_cache import VisualCache
 
-        self.settings = LLMSettings.from_args(args)
+        self.settings = s = LLMSettings.from_args(args)
         self.logger = pb_utils.Logger
-        dtype = None if self.settings.dtype == "auto" else getattr(torch, self.settings.dtype)
-        self.model = VideoChatModel.from_checkpoint(self.settings.checkpoint, device=self.settings.device,
-                                                    dtype=dtype)
+        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
+        self.model = VideoChatModel.from_checkpoint(s.checkpoint, device=s.device, dtype=dtype)
         self.metrics = LLMMetrics(pb_utils, model=args["model_name"], instance=args.get("model_instance_name", ""))
-        self.scheduler = None
-        if self.settings.inflight:
-            from videochat.runtime.engine import GenerationEngine
-            from videochat.runtime.visual_cache import VisualCache
+        cache = VisualCache(s.visual_cache_bytes) if s.visual_cache_bytes else None
+        threads = torch.get_num_threads()
 
-            cache = VisualCache(self.settings.visual_cache_bytes) if self.settings.visual_cache_bytes else None
-            threads = torch.get_num_threads()
+        def make_engine():
+            engine = GenerationEngine(self.model, visual_cache=cache)
+            if s.device == "cpu" and s.decode_threads:
+                engine = CpuThreadsEngine(engine, add_threads=threads, step_threads=s.decode_threads)
+            return engine
 
-            def make_engine():
-                engine = GenerationEngine(self.model, visual_cache=cache)
-                if self.settings.device == "cpu" and self.settings.decode_threads:
-                    engine = CpuThreadsEngine(engine, add_threads=threads, step_threads=self.settings.decode_threads)
-                return engine
-
-            self.scheduler = Scheduler(make_engine, max_active=self.settings.max_active,
-                                       stream_interval_ms=self.settings.stream_interval_ms,
-                                       log_error=self.logger.log_error, on_progress=self._on_progress,
-                                       cancel_check_interval_ms=CANCEL_CHECK_INTERVAL_MS)
-            self.metrics.watch_scheduler(self.scheduler)
-            if cache is not None:
-                self.metrics.watch_visual_cache(cache)
-            self.scheduler.start()
-        self.logger.log_info(f"videochat_llm ready: {self.settings}")
+        self.scheduler = Scheduler(make_engine, max_active=s.max_active, stream_interval_ms=s.stream_interval_ms,
+                                   log_error=self.logger.log_error, on_progress=self._on_progress,
+                                   cancel_check_interval_ms=CANCEL_CHECK_INTERVAL_MS,
+                                   join_running=s.batching == "inflight")
+        self.metrics.watch_scheduler(self.scheduler)
+        if cache is not None:
+            self.metrics.watch_visual_cache(cache)
+        self.scheduler.start()
+        self.logger.log_info(f"videochat_llm ready: {s}")
 
     def execute(self, requests):
-        if self.scheduler is not None:
-            return self._enqueue(requests)
-        return self._static(requests)
-
-    def _enqueue(self, requests):
-        jobs, parsed = [], []
+        unary = not self.settings.decoupled
+        jobs, parsed, sinks = [], [], []
         for request in requests:
-            sink = _Sink(request.get_response_sender(), self.metrics)
+            sink = BlockingSink() if unary else _Sink(request.get_response_sender(), self.metrics)
+            sinks.append(sink)
             try:
                 p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit)
             except RequestError as exc:   # this request only; its batch-mates go on
@@ -70,59 +62,28 @@ class TritonPythonModel:
                 sink.fail(invalid_argument(exc), code=INVALID_ARG)
                 continue
             parsed.append(p)
-            jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled))
+            jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
+                            coalescer=StreamCoalescer(None) if unary else None))   # None: only the final
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
-        return None
+        return [self._unary_response(sink) for sink in sinks] if unary else None
+
+    def _unary_response(self, sink):
+        sink.wait()
+        if sink.error is not None:
+            message, code = sink.error
+            return _error(message, _code(code))
+        self.metrics.on_final(prompt_tokens=int(sink.arrays["PROMPT_TOKENS"][0, 0]),
+                              completion_tokens=int(sink.arrays["COMPLETION_TOKENS"][0, 0]))
+        return _response(sink.arrays)
 
     def _on_progress(self, scheduler):
         self.metrics.mirror.sync(force=not scheduler.num_active)
 
-    def _static(self, requests):
-        senders = [r.get_response_sender() for r in requests] if self.settings.decoupled else None
-        responses = [None] * len(requests)
-
-        def respond(i, response):
-            if senders is not None:
-                senders[i].send(response, flags=FINAL)
-            else:
-                responses[i] = response
-
-        valid, parsed = [], []
-        for i, request in enumerate(requests):
-            try:
-                parsed.append(build_chat_request(_getter(request),
-                                                 max_new_tokens_limit=self.settings.max_new_tokens_limit))
-                valid.append(i)
-            except RequestError as exc:   # this request only; its batch-mates go on
-                self.metrics.rejected.increment(1)
-                respond(i, _error(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))
-
-        if valid:
-            self.metrics.on_batch(batch_stats(parsed))
-            should_stop = lambda j: requests[valid[j]].is_cancelled()  # noqa: E731 - checked between steps
-            for reply in run_batch(self.model, [p.chat_request for p in parsed], should_stop=should_stop,
-                                   streaming=senders is not None):
-                i = valid[reply.index]
-                if reply.error is not None:
-                    self.logger.log_error(f"videochat_llm: {reply.error}")
-                    respond(i, _error(reply.error, pb_utils.TritonError.INTERNAL))
-                    continue
-                if reply.final:
-                    self.metrics.on_final(prompt_tokens=int(reply.arrays["PROMPT_TOKENS"][0, 0]),
-                                          completion_tokens=int(reply.arrays["COMPLETION_TOKENS"][0, 0]))
-                response = _response(reply.arrays)
-                if senders is not None and not reply.final:
-                    senders[i].send(response)
-                else:
-                    respond(i, response)
-        return None if senders is not None else responses
-
     def finalize(self):
-        if self.scheduler is not None:
-            self.scheduler.stop()
-            self.metrics.mirror.sync(force=True)
+        self.scheduler.stop()
+        self.metrics.mirror.sync(force=True)
         self.logger.log_info("videochat_llm finalized")
 
 
@@ -141,8 +102,13 @@ class _Sink:
             self.sender.send(_response(arrays))
 
     def fail(self, message, *, code):
-        codes = {INVALID_ARG: pb_utils.TritonError.INVALID_ARG, UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE}
-        self.sender.send(_error(message, codes.get(code, pb_utils.TritonError.INTERNAL)), flags=FINAL)
+        self.sender.send(_error(message, _code(code)), flags=FINAL)
+
+
+def _code(code):
+    """The scheduler's error code -> Triton's (pb_utils.TritonError exists only once the stub runs a model)."""
+    e = pb_utils.TritonError
+    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE}.get(code, e.INTERNAL)
 
 
 def _getter(request):
