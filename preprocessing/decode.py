@@ -115,10 +115,54 @@ def _index_packets(container: av.container.InputContainer, stream: av.video.stre
     return packets
 
 
+# High-bit-depth 4:2:0 -> the 4:2:2 format `_rgb_as_ffmpeg41` rebuilds it in.
+_DEEP_420_AS_422 = {"yuv420p10le": "yuv422p10le", "yuv420p12le": "yuv422p12le"}
+
+
+def _plane_u16(plane: av.video.plane.VideoPlane) -> np.ndarray:
+    """A [rows, width] uint16 view of a 10/12-bit plane (no copy; writable for a new frame)."""
+    return np.frombuffer(plane, np.uint16).reshape(plane.height, plane.line_size // 2)[:, :plane.width]
+
+
+def _rgb_as_ffmpeg41(frame: av.VideoFrame) -> np.ndarray | None:
+    """RGB24 of a 10/12-bit 4:2:0 frame bit-identical to decord 0.6.0's; None where not covered.
+
+    Why: 8-bit 4:2:0 takes swscale's unscaled yuv2rgb path, the same in decord's FFmpeg 4.1 and our
+    FFmpeg 8. Deeper input takes the scaler (decord: its "scale" filter's default flags, bilinear), and
+    there 4.1's vertical chroma step (yuv2packed1 with a 2-tap filter) does not interpolate: a row whose
+    second weight is < 1/2 takes one line, the others the mean of two. So row 2k+1 takes chroma line k,
+    row 2k the mean of lines k-1 and k, row 0 line 0 and the last row the mean of the last two lines.
+    FFmpeg 8 applies the 1/4-3/4 weights and honours the frame's chroma siting (left): up to 190 RGB
+    levels off decord at colour edges (mean 1.0 on the corpus HEVC Main10 clip).
+    We build 4.1's chroma rows (a 4:2:2 frame: one chroma line per row, which swscale does not filter
+    vertically) and let FFmpeg 8 convert that: its horizontal and YUV->RGB steps equal 4.1's. Bit-exact
+    vs FFmpeg 4.1 on random planes (scripts/check_deep420_vs_ffmpeg41.py: every even width 2-128 and
+    height 8-78, and 720p to 4K) and vs decord on 10- and 12-bit files (tests/test_preprocessing_tenbit.py).
+    Odd sizes and heights < 8 take other 4.1 code paths; they keep FFmpeg 8's conversion.
+    """
+    fmt = _DEEP_420_AS_422.get(frame.format.name)
+    width, height = frame.width, frame.height
+    if fmt is None or width % 2 or height % 2 or height < 8:
+        return None
+    out = av.VideoFrame(width, height, fmt)
+    out.colorspace, out.color_range = frame.colorspace, frame.color_range  # same matrix and range as decord
+    src, dst = [_plane_u16(p) for p in frame.planes], [_plane_u16(p) for p in out.planes]
+    dst[0][:] = src[0]
+    for s, d in zip(src[1:], dst[1:]):  # s: height/2 chroma lines, d: height lines
+        d[1::2] = s
+        d[0] = s[0]
+        np.add(s[:-1], s[1:], out=d[2::2])  # <= 2 * 4095: no uint16 overflow
+        d[2::2] >>= 1
+        d[-1] = (s[-2] + s[-1]) >> 1
+    return out.to_ndarray(format="rgb24")
+
+
 def _to_rgb(frame: av.VideoFrame, *, limits: Limits) -> np.ndarray:
     """RGB24 [H, W, 3] uint8 in display orientation (decord applies the display matrix too)."""
     limits.check_frame_size(width=frame.width, height=frame.height)
-    rgb = frame.to_ndarray(format="rgb24")
+    rgb = _rgb_as_ffmpeg41(frame)  # 10/12-bit 4:2:0; None for 8-bit and everything else
+    if rgb is None:
+        rgb = frame.to_ndarray(format="rgb24")
     quarter_turns = (frame.rotation or 0) // 90
     if quarter_turns % 4:
         rgb = np.ascontiguousarray(np.rot90(rgb, quarter_turns))
