@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from preprocessing import preprocess
-    from videochat.runtime.generation import ChatRequest, GenerationParams, generate
+    from videochat.runtime.generation import generate
+    from videochat.runtime.types import ChatRequest, GenerationParams
     from videochat.model.videochat_model import VideoChatModel
 
     checkpoint = (args.checkpoint or demo_checkpoint()).resolve()

@@ -20,8 +20,9 @@ import torch
 from numerics import assert_close_scaled
 from test_generation import FRAME, MIXED, FakeModel, media, request
 from videochat.runtime.engine import GenerationEngine
-from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, TokenEvent,
-                                  generate)
+from videochat.runtime.detokenize import DECODE_KWARGS
+from videochat.runtime.generation import generate
+from videochat.runtime.types import ChatRequest, FinishReason, GenerationParams, TokenEvent
 from videochat.runtime.visual_cache import VisualCache, VisualKey
 
 MAX_STEPS = 200
@@ -286,7 +287,7 @@ def test_own_padding_mask_equals_transformers_mask(attn):
     from transformers import DynamicCache
 
     from videochat.runtime.engine import forward_last_logits
-    from videochat.runtime.generation import positions_from_mask
+    from videochat.runtime.batch import positions_from_mask
 
     fake = FakeModel(attn_implementation=attn)
     hidden = fake.llm.config.hidden_size

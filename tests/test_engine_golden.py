@@ -11,7 +11,7 @@ import pytest
 from test_golden import CASES, _request, media, model  # noqa: F401  (module fixtures)
 from videochat.runtime.chat_format import normalize_history
 from videochat.runtime.engine import GenerationEngine
-from videochat.runtime.generation import FinishReason
+from videochat.runtime.types import FinishReason
 from videochat.runtime.visual_cache import VisualCache
 
 # join step of each golden turn, in case/turn order (9 turns of 12 tokens): 0 and 0 together, joins while

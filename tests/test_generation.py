@@ -15,9 +15,10 @@ from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from videochat.runtime.chat_format import build_prompt
-from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams,
-                                  IncrementalDetokenizer, filter_top_k_top_p, generate, generate_stream,
-                                  validate_media)
+from videochat.runtime.detokenize import DECODE_KWARGS, IncrementalDetokenizer
+from videochat.runtime.generation import generate, generate_stream
+from videochat.runtime.sampling import filter_top_k_top_p
+from videochat.runtime.types import ChatRequest, FinishReason, GenerationParams, validate_media
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 RAW_CONFIG = json.loads((FIXTURE / "config.json").read_text())["model_config"]

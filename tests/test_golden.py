@@ -15,8 +15,9 @@ import torch
 
 from numerics import assert_close_scaled
 from videochat.runtime.chat_format import normalize_history
-from videochat.runtime.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams, first_step_logits,
-                                  generate)
+from videochat.runtime.detokenize import DECODE_KWARGS
+from videochat.runtime.generation import first_step_logits, generate
+from videochat.runtime.types import ChatRequest, FinishReason, GenerationParams
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())

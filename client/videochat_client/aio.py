@@ -17,10 +17,10 @@ from tritonclient.utils import InferenceServerException
 from .client import make_config
 from .conversation import ConversationBase, _gen_kwargs
 from .errors import VideoChatError, is_retryable, to_error
-from .protocol import (MODEL_NAME, NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, VideoLike, build_inputs,
+from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
-from .schema import DEFAULTS
+from .schema import DEFAULTS, MODEL_NAME
 from .types import Answer, Chunk
 
 

@@ -20,10 +20,10 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
-from .protocol import (CHANNEL_ARGS, MODEL_NAME, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
+from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
-from .schema import DEFAULTS
+from .schema import DEFAULTS, MODEL_NAME
 from .types import Chunk
 
 # Extra wait beyond the gRPC deadline before the client gives up on a silent stream itself.

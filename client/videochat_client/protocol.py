@@ -18,7 +18,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from . import schema
 from .errors import InvalidArgument, ServerError
-from .schema import DEFAULTS, MODEL_NAME, MediaOptions
+from .schema import DEFAULTS, MediaOptions
 from .types import Answer, Chunk, Timings, Usage
 
 NOT_GIVEN: Any = object()   # "use the client's default" for per-call options such as timeout

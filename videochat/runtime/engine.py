@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from videochat.runtime.chat_format import TokenizedPrompt, build_prompt
-from videochat.runtime.generation import (MIN_NEW_TOKENS, ChatRequest, FinishReason, IncrementalDetokenizer, TokenEvent,
-                                  apply_repetition_penalty, eos_token_ids, left_pad, make_generator,
-                                  positions_from_mask, sample_token, tokens_per_clip)
+from videochat.runtime.batch import eos_token_ids, left_pad, positions_from_mask, tokens_per_clip
+from videochat.runtime.detokenize import IncrementalDetokenizer
+from videochat.runtime.sampling import MIN_NEW_TOKENS, apply_repetition_penalty, make_generator, sample_token
+from videochat.runtime.types import ChatRequest, FinishReason, TokenEvent
 from videochat.runtime.visual_cache import VisualCache, VisualKey
 
 # the sequence axis of a KV tensor [B, kv_heads, S, head_dim]

@@ -25,7 +25,7 @@ class ParsedRequest:
 def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedRequest:
     """videochat_llm inputs -> ChatRequest. PIXEL_VALUES is [1, clips, T, 3, H, W] (batch dim 1)."""
     import torch
-    from videochat.runtime.generation import ChatRequest, GenerationParams
+    from videochat.runtime.types import ChatRequest, GenerationParams
 
     fields: ChatFields = parse_chat_fields(get, max_new_tokens_limit=max_new_tokens_limit)
     info = parse_media_info(scalar(get, MEDIA_INFO))

@@ -62,7 +62,8 @@ def _load_media(args: argparse.Namespace):
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    from videochat.runtime.generation import ChatRequest, GenerationParams, generate_stream
+    from videochat.runtime.generation import generate_stream
+    from videochat.runtime.types import ChatRequest, GenerationParams
     from videochat.model.videochat_model import VideoChatModel
 
     try:
