@@ -5,6 +5,14 @@ order, and the frame count is the number of video packets. Frames are RGB24 via 
 (BT.601) matrix, rotated by the display matrix with `np.rot90` like decord - bit-identical to
 decord 0.6.0 on 8-bit content (shared/research/video_decoding.md §0).
 
+Edit lists (MP4/MOV): frames an edit list hides (the pre-roll a stream-copy cut leaves before its
+first shown frame) are frames here, because decord counts their packets. Frame i is the i-th coded
+frame in presentation order, hidden ones first (negative `pts_seconds`), so `num_frames`, the sampled
+indices, the card's message and decord's frame timestamps all equal the reference's. A player shows
+fewer frames; following the edit list would change all of those. decord's pixels equal ours wherever
+it seeks; inside the first GOP it returns frame i + hidden (its FFmpeg drops the hidden frames, its
+counter does not), a decord bug we do not copy.
+
 Two read strategies, both exact:
 * selective (MP4/MOV, Matroska/WebM, whose packets carry real presentation timestamps): for each
   wanted frame, seek to the keyframe that starts its GOP, decode forward to it and drop the
@@ -244,9 +252,24 @@ def _demux(container: av.container.InputContainer, stream: av.video.stream.Video
     try:
         for pkt in container.demux(stream):
             if pkt.size or flush:
-                yield pkt
+                yield _undiscarded(pkt) if pkt.is_discard else pkt
     except av.error.FFmpegError as exc:
         raise VideoDecodeError("truncated or corrupt video data (demuxing failed)") from exc
+
+
+def _undiscarded(pkt: av.Packet) -> av.Packet:
+    """`pkt` without the discard flag, so the decoder outputs its frame instead of dropping it.
+
+    The MP4 demuxer flags the frames an edit list hides (pre-roll before the first shown frame);
+    they are packets decord counts, so they are frames here too (module docstring). PyAV cannot
+    clear the flag in place, hence a copy (only of the hidden packets).
+    """
+    copy = av.Packet(bytes(pkt))
+    copy.pts, copy.dts, copy.duration, copy.time_base = pkt.pts, pkt.dts, pkt.duration, pkt.time_base
+    copy.is_keyframe = pkt.is_keyframe
+    for side_data in pkt.iter_sidedata():
+        copy.set_sidedata(side_data)
+    return copy
 
 
 def _decode(cc: av.codec.context.CodecContext, pkt: av.Packet | None) -> list[av.VideoFrame]:
