@@ -5,6 +5,14 @@ order, and the frame count is the number of video packets. Frames are RGB24 via 
 (BT.601) matrix, rotated by the display matrix with `np.rot90` like decord - bit-identical to
 decord 0.6.0 on 8-bit content (shared/research/video_decoding.md §0).
 
+Edit lists (MP4/MOV): frames an edit list hides (the pre-roll a stream-copy cut leaves before its
+first shown frame) are frames here, because decord counts their packets. Frame i is the i-th coded
+frame in presentation order, hidden ones first (negative `pts_seconds`), so `num_frames`, the sampled
+indices, the card's message and decord's frame timestamps all equal the reference's. A player shows
+fewer frames; following the edit list would change all of those. decord's pixels equal ours wherever
+it seeks; inside the first GOP it returns frame i + hidden (its FFmpeg drops the hidden frames, its
+counter does not), a decord bug we do not copy.
+
 Two read strategies, both exact:
 * selective (MP4/MOV, Matroska/WebM, whose packets carry real presentation timestamps): for each
   wanted frame, seek to the keyframe that starts its GOP, decode forward to it and drop the
@@ -18,7 +26,9 @@ from __future__ import annotations
 
 import bisect
 import io
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TypeVar
@@ -30,6 +40,7 @@ from .errors import VideoDecodeError
 from .limits import Limits
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 # Demuxers whose packet pts are presentation timestamps we can seek to and match on.
 _SEEKABLE_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"})
@@ -62,11 +73,36 @@ def _is_still_image(fmt_name: str) -> bool:
     return fmt_name.endswith("_pipe") or fmt_name in _IMAGE_FORMATS
 
 
+@contextmanager
+def _user_bytes(passthrough: Collection[BaseException] = ()) -> Iterator[None]:
+    """Every failure of PyAV/FFmpeg on the user's bytes leaves this block as VideoDecodeError.
+
+    FFmpegError is the decoder saying the data is bad. Any other exception means a PyAV call
+    returned or raised something this module did not expect for these bytes (a None codec context,
+    an undecodable string, ...): from the caller's side still unusable input, so VideoDecodeError
+    too, but logged with its traceback and kept as __cause__, so that a bug of ours is not
+    silently reported as bad input. `passthrough`: exceptions of the caller's callback, not ours.
+    """
+    try:
+        yield
+    except VideoDecodeError:
+        raise
+    except av.error.FFmpegError as exc:
+        raise VideoDecodeError(f"corrupt video data: {exc.strerror or 'decoder error'}") from exc
+    except Exception as exc:
+        if any(exc is e for e in passthrough):
+            raise
+        _log.warning("unexpected %s decoding user bytes, reported as corrupt input", type(exc).__name__,
+                     exc_info=True)
+        raise VideoDecodeError("corrupt or unsupported video data (the decoder failed)") from exc
+
+
 def _open(data: bytes) -> av.container.InputContainer:
     if len(data) == 0:
         raise VideoDecodeError("empty input (0 bytes)")
     try:
-        return av.open(io.BytesIO(data), mode="r")
+        # "replace": a title in Latin-1 is no reason to refuse a video (strict raises UnicodeDecodeError).
+        return av.open(io.BytesIO(data), mode="r", metadata_errors="replace")
     except av.error.FFmpegError as exc:
         if data[4:8] in _MP4_BOXES:
             raise VideoDecodeError(
@@ -79,9 +115,11 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
         stream = container.streams.best("video")  # decord's choice on multi-stream files
     except (ValueError, av.error.FFmpegError):
         stream = None
-    if stream is not None:
-        return stream
-    raise VideoDecodeError("no video stream in the input (audio-only or empty container?)")
+    if stream is None:
+        raise VideoDecodeError("no video stream in the input (audio-only or empty container?)")
+    if stream.codec_context is None:  # PyAV has no decoder for the codec id (unknown or corrupt header)
+        raise VideoDecodeError("unsupported or unrecognizable video codec")
+    return stream
 
 
 def _fps(stream: av.video.stream.VideoStream) -> float:
@@ -179,7 +217,7 @@ class VideoSource:
         limits.check_bytes(size=len(data))
         self._data = data
         self._limits = limits
-        with _open(data) as container:
+        with _user_bytes(), _open(data) as container:
             stream = _video_stream(container)
             cc = stream.codec_context
             if cc.width and cc.height:  # 0 when only the decoder knows; checked per frame then
@@ -202,13 +240,23 @@ class VideoSource:
         wanted = sorted(set(indices))
         if wanted[0] < 0 or wanted[-1] >= self.info.num_frames:
             raise ValueError(f"frame index out of range 0..{self.info.num_frames - 1}: {indices}")
+        convert_errors: list[BaseException] = []
+
+        def checked(rgb: np.ndarray) -> T:  # the caller's exceptions are not decoder failures
+            try:
+                return convert(rgb)
+            except BaseException as exc:
+                convert_errors.append(exc)
+                raise
+
         out: dict[int, T] | None = None
-        if self.info.container in _SEEKABLE_FORMATS and self._has_unique_pts():
-            out = self._read_selective(wanted, convert)
-            self.strategy = "selective"
-        if out is None:
-            out = self._read_sequential(wanted, convert)
-            self.strategy = "sequential"
+        with _user_bytes(passthrough=convert_errors):
+            if self.info.container in _SEEKABLE_FORMATS and self._has_unique_pts():
+                out = self._read_selective(wanted, checked)
+                self.strategy = "selective"
+            if out is None:
+                out = self._read_sequential(wanted, checked)
+                self.strategy = "sequential"
         return [out[i] for i in indices]
 
     # -- strategies -----------------------------------------------------------------------------
@@ -233,7 +281,10 @@ class VideoSource:
         with container:
             cc = stream.codec_context
             for start, end in ranges:
-                container.seek(self._packets[start].pts, stream=stream, backward=True, any_frame=False)
+                try:
+                    container.seek(self._packets[start].pts, stream=stream, backward=True, any_frame=False)
+                except av.error.FFmpegError:
+                    return None  # sequential decoding may still read it
                 frames: list[av.VideoFrame] = []
                 landed = False
                 for pkt in _demux(container, stream):
@@ -288,9 +339,24 @@ def _demux(container: av.container.InputContainer, stream: av.video.stream.Video
     try:
         for pkt in container.demux(stream):
             if pkt.size or flush:
-                yield pkt
+                yield _undiscarded(pkt) if pkt.is_discard else pkt
     except av.error.FFmpegError as exc:
         raise VideoDecodeError("truncated or corrupt video data (demuxing failed)") from exc
+
+
+def _undiscarded(pkt: av.Packet) -> av.Packet:
+    """`pkt` without the discard flag, so the decoder outputs its frame instead of dropping it.
+
+    The MP4 demuxer flags the frames an edit list hides (pre-roll before the first shown frame);
+    they are packets decord counts, so they are frames here too (module docstring). PyAV cannot
+    clear the flag in place, hence a copy (only of the hidden packets).
+    """
+    copy = av.Packet(bytes(pkt))
+    copy.pts, copy.dts, copy.duration, copy.time_base = pkt.pts, pkt.dts, pkt.duration, pkt.time_base
+    copy.is_keyframe = pkt.is_keyframe
+    for side_data in pkt.iter_sidedata():
+        copy.set_sidedata(side_data)
+    return copy
 
 
 def _decode(cc: av.codec.context.CodecContext, pkt: av.Packet | None) -> list[av.VideoFrame]:

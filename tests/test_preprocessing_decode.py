@@ -4,6 +4,7 @@ limits refuse decompression bombs from the header, fast; errors are plain-langua
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from decord import VideoReader, cpu
@@ -18,6 +20,7 @@ from decord import VideoReader, cpu
 from preprocessing import Limits, VideoDecodeError, preprocess
 from preprocessing.decode import VideoSource
 from preprocessing.sampling import get_index
+from reference_load_video import load_video
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT / "tests" / "data" / "videos"
@@ -171,3 +174,39 @@ def test_limits_refuse_before_decoding() -> None:
 def test_live_webm_without_header_count_is_limited_while_indexing() -> None:
     with pytest.raises(VideoDecodeError, match="too long"):
         preprocess(_read("live_nocues_vp8_opus_640x480_5s.webm"), limits=Limits(max_frames=100))
+
+
+# scripts/make_editlist_mp4.py: 30 index-coded frames, GOPs at 0/8/16/24, the edit list hides frames 0..4.
+EDITLIST = "editlist_hides5_h264_64x64_30f.mp4"
+
+
+def test_edit_list_hidden_frames_are_frames_as_decord_counts_them() -> None:
+    path = VIDEOS / EDITLIST
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as container:  # the edit list is real: FFmpeg's player view has 25 frames
+        assert sum(1 for _ in container.decode(video=0)) == 25
+    vr = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+    indices = get_index(len(vr), 8)
+    res = preprocess(data)
+    meta = res.metadata
+    assert meta.num_frames == len(vr) == 30 and meta.frame_indices == indices == [1, 5, 8, 12, 15, 19, 23, 26]
+    _, msg = load_video(str(path), num_segments=8, return_msg=True, hd_num=6)
+    assert meta.message == msg
+    # decord's own index model: frame i starts at (i - 5) / 30 s, the hidden frames at negative times.
+    assert meta.pts_seconds == pytest.approx(vr.get_frame_timestamp(indices)[:, 0].tolist(), abs=1e-6)
+
+    src = VideoSource(data, limits=Limits())
+    everything = src.read(list(range(30)), convert=lambda a: _index_code(a, "solid"))
+    assert everything == list(range(30)) and src.strategy == "selective"  # hidden frames decode too
+    sequential = src._read_sequential(list(range(30)), lambda a: _index_code(a, "solid"))  # the fallback agrees
+    assert [sequential[i] for i in range(30)] == everything
+
+    ours = np.stack(src.read(indices, convert=lambda a: a))
+    theirs = vr.get_batch(indices).asnumpy()
+    second_key = vr.get_key_indices()[1]  # 8
+    seeked = [k for k, i in enumerate(indices) if i >= second_key]
+    # Where decord seeks (every index past the first GOP) its frames are ours, bit for bit.
+    assert len(seeked) == 6 and np.array_equal(ours[seeked], theirs[seeked])
+    # In the first GOP decord decodes forward from the start, where its FFmpeg drops the hidden frames
+    # but its counter does not: index i gives frame i + 5 (so 1 -> 6, 5 -> 10, then 8 -> 8). Its bug.
+    assert [_index_code(theirs[k], "solid") for k, i in enumerate(indices) if i < second_key] == [6, 10]
