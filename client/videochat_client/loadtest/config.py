@@ -1,0 +1,71 @@
+"""Configuration of one `videochat loadtest` run: `LoadConfig`, its validation and the hard caps (`MAX_*`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..protocol import MediaOptions
+
+# Hard caps: a typo must not start an hour-long or unbounded run.
+MAX_REQUESTS = 100_000
+MAX_DURATION_S = 3600.0
+MAX_CONCURRENCY = 1024
+MAX_RATE = 10_000.0
+MAX_LEVELS = 32
+MAX_TURNS = 64
+MAX_INFLIGHT = 1024
+
+DEFAULT_PROMPTS = (
+    "Describe the video in detail.",
+    "What is happening in the video?",
+    "What objects can you see?",
+    "Summarize the video in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    videos: Sequence[str]
+    concurrency: Sequence[int] = ()
+    rate: Sequence[float] = ()
+    requests: Optional[int] = None            # per level; default 32 unless duration is given
+    duration: Optional[float] = None          # seconds per level (issue no new request after it)
+    turns: int = 1
+    max_new_tokens: int = 64
+    stream: bool = False
+    warmup: int = 0
+    prompts: Sequence[str] = DEFAULT_PROMPTS
+    media: MediaOptions = MediaOptions()
+    timeout: float = 300.0                    # per request
+    retries: int = 0                          # a load tool measures; it does not hide errors
+    max_inflight: int = 256
+    level_timeout: float = 600.0              # hard cap per level for request-count mode
+    metrics_url: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if bool(self.concurrency) == bool(self.rate):
+            raise ValueError("give exactly one of --concurrency or --rate")
+        levels = list(self.concurrency) + list(self.rate)
+        if len(levels) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} levels, got {len(levels)}")
+        if any(not 1 <= c <= MAX_CONCURRENCY for c in self.concurrency):
+            raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}]")
+        if any(not (0 < r <= MAX_RATE) or not math.isfinite(r) for r in self.rate):
+            raise ValueError(f"rate must be in (0, {MAX_RATE}]")
+        if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
+            raise ValueError(f"requests must be in [1, {MAX_REQUESTS}]")
+        if self.duration is not None and not 0 < self.duration <= MAX_DURATION_S:
+            raise ValueError(f"duration must be in (0, {MAX_DURATION_S}] seconds")
+        if not 1 <= self.turns <= MAX_TURNS:
+            raise ValueError(f"turns must be in [1, {MAX_TURNS}]")
+        if not 1 <= self.max_inflight <= MAX_INFLIGHT:
+            raise ValueError(f"max_inflight must be in [1, {MAX_INFLIGHT}]")
+        if not 0 <= self.warmup <= 1000:
+            raise ValueError("warmup must be in [0, 1000]")
+        if not self.videos:
+            raise ValueError("give at least one --video")
+        if not self.prompts:
+            raise ValueError("give at least one prompt")
