@@ -163,11 +163,36 @@ def cmd_health(args) -> int:
         try:
             state = client.health(timeout=min(args.timeout, 10.0))
         except Unavailable as e:
-            print(json.dumps({"url": args.url, "live": False, "ready": False, "model_ready": False,
-                              "error": f"{e.code}: {e.message}"}))
+            out = {"url": args.url, "live": False, "ready": False, "model_ready": False,
+                   "error": f"{e.code}: {e.message}"}
+            if args.probe:
+                out["probe"] = {"ok": False, "latency_ms": [], "count": 0, "error": out["error"], "code": e.code}
+            print(json.dumps(out))
             return EXIT_UNAVAILABLE
+        healthy = all(state.values())
+        if args.probe:
+            result = _run_probe(client, args) if healthy else None
+            state["probe"] = result.to_dict() if result else {"ok": False, "latency_ms": [], "count": 0,
+                                                               "error": "not probed: server or model not ready",
+                                                               "code": "UNAVAILABLE"}
+            healthy = healthy and bool(result and result.ok)
     print(json.dumps({"url": args.url, **state}))
-    return EXIT_OK if all(state.values()) else EXIT_UNAVAILABLE
+    return EXIT_OK if healthy else EXIT_UNAVAILABLE
+
+
+def _run_probe(client: VideoChatClient, args):
+    """`--probe-count 0`: one probe per instance of the most replicated model behind the ensemble."""
+    from .probe import instance_counts, probe
+    count = args.probe_count
+    if count < 0:
+        raise InvalidArgument(f"--probe-count must be >= 0, got {count}")
+    if count == 0:
+        with client.triton() as raw:
+            try:
+                count = max(instance_counts(raw, model_name=client.config.model_name).values())
+            except Exception:  # noqa: BLE001 - config API refused (e.g. no access): one probe still tells a lot
+                count = 1
+    return probe(client, count=count, timeout=args.probe_timeout)
 
 
 def _csv(kind):
@@ -244,8 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", metavar="FILE", help="continue a conversation saved with --save")
     c.set_defaults(func=cmd_chat)
 
-    h = sub.add_parser("health", help="server live + ready and the `videochat` model ready (exit 0, else 3)")
+    h = sub.add_parser("health", help="server live + ready and the `videochat` model ready (exit 0, else 3); "
+                                      "--probe: also a real 1-token inference through the ensemble")
     _connection(h)
+    h.add_argument("--probe", action="store_true",
+                   help="send a tiny built-in image with max_new_tokens=1 through the ensemble (catches dead workers "
+                        "that Triton still reports READY)")
+    h.add_argument("--probe-count", type=int, default=0,
+                   help="probes in a row; 0 = one per instance of the most replicated model (default)")
+    h.add_argument("--probe-timeout", type=float, default=10.0, help="deadline of each probe, seconds (default %(default)s)")
     h.set_defaults(func=cmd_health)
 
     t = sub.add_parser("loadtest", help="closed-loop concurrency or open-loop rate sweep; JSON + CSV (+ PNG) report")

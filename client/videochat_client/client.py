@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -193,6 +194,15 @@ class VideoChatClient:
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - closing must not mask the real error
                 pass
+            self._release(client)
+
+    @contextmanager
+    def triton(self) -> Iterator[tc.InferenceServerClient]:
+        """Borrow a raw tritonclient client from the pool (Triton's own APIs: model config, load_model)."""
+        client = self._acquire()
+        try:
+            yield client
+        finally:
             self._release(client)
 
     # -- health ----------------------------------------------------------------------------------------
