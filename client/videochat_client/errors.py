@@ -2,7 +2,8 @@
 
     VideoChatError            .code = gRPC status name ("INVALID_ARGUMENT", ...), .message = server's text
     ├── InvalidArgument       INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION; also bad local input
-    ├── Unavailable           UNAVAILABLE; NOT_FOUND "Request for unknown model" (draining replica / model not loaded)
+    ├── Unavailable           UNAVAILABLE (also "Server is stopping ..." in a stream); NOT_FOUND "Request for unknown
+    │                         model" (draining replica / model not loaded)
     ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired)
     ├── Cancelled             CANCELLED
     └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
@@ -76,7 +77,10 @@ _MESSAGE_RULES = (
     (re.compile(r"Stub process .* is not healthy|Failed to process the request|\nAt:\n|Traceback|"
                 r"preprocessing failed|internal error", re.I), "INTERNAL"),
     (_MODEL_MISSING, "NOT_FOUND"),
-    (re.compile(r"Server exiting|failed to connect|Connection refused"), "UNAVAILABLE"),
+    # A replica draining after SIGTERM (measured on 2.51): while its ensemble still finishes streams, a new request
+    # gets "Server is stopping, scheduler for model has stopped accepting new inference requests".
+    (re.compile(r"Server exiting|Server is stopping|stopped accepting new inference requests|failed to connect|"
+                r"Connection refused"), "UNAVAILABLE"),
     (re.compile(r"\bcancell?ed\b", re.I), "CANCELLED"),
     (re.compile(r"deadline|timed? ?out", re.I), "DEADLINE_EXCEEDED"),
     # An explicit code name in the message (a server may prefix its user errors with it).
