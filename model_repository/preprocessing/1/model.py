@@ -5,7 +5,7 @@ Logic lives in videochat/serving/preprocess.py; this file only converts tensors 
 import triton_python_backend_utils as pb_utils
 
 from videochat.serving.metrics import PreprocessMetrics
-from videochat.serving.preprocess import MediaCache, preprocess_request
+from videochat.serving.preprocess import MediaCache, preprocess_request, warm_up
 from videochat.serving.requests import RequestError, invalid_argument
 from videochat.serving.settings import PreprocessSettings
 
@@ -17,6 +17,7 @@ class TritonPythonModel:
         self.cache = MediaCache(self.settings.media_cache_bytes)
         self.metrics = PreprocessMetrics(pb_utils, model=args["model_name"],
                                          instance=args.get("model_instance_name", ""), cache=self.cache)
+        warm_up(self.settings)   # the decoder's imports at load, not on the first request
         self.logger.log_info(f"preprocessing ready: {self.settings}")
 
     def execute(self, requests):
