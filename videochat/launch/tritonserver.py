@@ -10,6 +10,7 @@ interpreter's LIBDIR on LD_LIBRARY_PATH and its bin directory first on PATH (REA
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -17,10 +18,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 NVIDIA_IMAGE_DIR = Path("/opt/tritonserver")
 
@@ -95,7 +98,11 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
 
 
 def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, *, shm_prefix: str,
-                exit_timeout_s: int, log_verbose: int = 0) -> list[str]:
+                exit_timeout_s: int, log_verbose: int = 0, models: Sequence[str] = ()) -> list[str]:
+    """`models` given: explicit model control (only these are loaded, and `load_model` can reload one: the only
+    way to replace a dead python stub in 2.51); empty: Triton loads the whole repository and no model can be
+    reloaded."""
+    control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)] if models else []
     return [
         str(install.binary),
         f"--model-repository={Path(repository).resolve()}",
@@ -107,19 +114,30 @@ def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, 
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
+        *control,
     ]
+
+
+def _error_text(body: bytes) -> str:
+    """The first line of Triton's JSON error (the rest is the model's Python traceback, in the server log)."""
+    try:
+        text = str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        text = body.decode(errors="replace")
+    return text.strip().splitlines()[0][:300] if text.strip() else "(no detail)"
 
 
 class TritonServer:
     """One tritonserver process: start, wait until ready, stop with SIGTERM (then SIGKILL), clean its shm."""
 
     def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, *,
-                 log_path: Path | None = None, exit_timeout_s: int = 30) -> None:
+                 log_path: Path | None = None, exit_timeout_s: int = 30, models: Sequence[str] = ()) -> None:
         self.endpoints = endpoints
+        self.repository = Path(repository).resolve()
         self.exit_timeout_s = exit_timeout_s
         self.shm_prefix = f"videochat_{uuid.uuid4().hex[:12]}_"
         self.args = server_args(install, repository, endpoints, shm_prefix=self.shm_prefix,
-                                exit_timeout_s=exit_timeout_s)
+                                exit_timeout_s=exit_timeout_s, models=models)
         self.env = server_env(install)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -148,6 +166,27 @@ class TritonServer:
                 pass
             time.sleep(0.5)
         raise LaunchError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def reload_model(self, name: str, timeout_s: float = 600.0) -> None:
+        """Replace a model's instances with new ones (new python stubs): the only cure for a dead stub in 2.51.
+
+        Needs explicit model control (`models=`). Measured on 2.51: `load` of a loaded model whose files did not
+        change since its last load is a no-op, and one where only config.pbtxt changed keeps the old instances
+        (a config update), so the version directory's files are touched first; that forces a full reload.
+        Triton then reloads the ensembles that use the model by itself. Raises LaunchError if the load fails."""
+        now = time.time()
+        for path in (self.repository / name).glob("[0-9]*/**/*"):
+            if path.is_file():
+                os.utime(path, (now, now))
+        request = urllib.request.Request(f"{self.endpoints.http_url}/v2/repository/models/{name}/load", data=b"",
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise LaunchError(f"reloading {name} failed: HTTP {exc.code}: {_error_text(exc.read())}") from None
+        except OSError as exc:
+            raise LaunchError(f"reloading {name} failed: {exc}") from None
 
     def terminate(self) -> None:
         """Ask for a graceful stop (in-flight requests finish)."""
