@@ -4,12 +4,18 @@
         [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
         [--decoupled-mode true|false] [--batching inflight|static] [--stream-interval-ms 20]
         [--media-cache-mb 512] [--visual-cache-mb 256] [--work-dir DIR]
+        [--health-port 8003 --probe-interval-s 2 --probe-timeout-s 10 --failures-before-unready 2 --max-recoveries 3]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
-interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; start the
-server (loopback by default); wait until ready; print the endpoints; on SIGTERM or Ctrl-C forward SIGTERM, wait
-for the drain, remove our leftover /dev/shm regions. Without --checkpoint a tiny random demo checkpoint is
-created on first use. Importing this module does not import torch.
+interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; serve
+GET /ready and /live on --health-port; start the server (loopback by default, explicit model control); wait until
+ready; supervise it (supervisor.py: probes, stub processes, reloads); print the endpoints once the first probe
+passed; on SIGTERM or Ctrl-C mark unready, forward SIGTERM, wait for the drain, remove our leftover /dev/shm
+regions. Without --checkpoint a tiny random demo checkpoint is created on first use. Importing this module does
+not import torch.
+
+Exit status: 0 stopped by SIGTERM/Ctrl-C, 1 tritonserver failed to start or died, 2 bad arguments,
+3 the replica stayed unhealthy (recovery failed --max-recoveries times in a row).
 """
 from __future__ import annotations
 
@@ -22,16 +28,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-from videochat.launch.render import ENSEMBLE, RepoOptions, render_repository
-from videochat.serving.settings import BATCHING_MODES, DTYPES
+from videochat_client import VideoChatClient
+
+from videochat.launch.readiness import ReadinessServer
+from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
+from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
 from videochat.launch.tritonserver import Endpoints, LaunchError, TritonServer, find_triton
+from videochat.serving.settings import BATCHING_MODES, DTYPES
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
 
 
-def _default(option: str):
-    """The flag's default is RepoOptions' (one place for each)."""
-    return next(f.default for f in dataclasses.fields(RepoOptions) if f.name == option)
+def _default(option: str, options: type = RepoOptions):
+    """The flag's default is the dataclass's (one place for each)."""
+    return next(f.default for f in dataclasses.fields(options) if f.name == option)
+
+
+def _health(option: str):
+    return _default(option, SupervisorOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rendered repository, server copy, logs and demo checkpoint (default {DEFAULT_WORK_DIR})")
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful drain limit on SIGTERM")
     p.add_argument("--render-only", action="store_true", help="render the repository, print its path, exit")
+    h = p.add_argument_group("health and recovery (docs/operations.md)")
+    h.add_argument("--health-port", type=int, default=_health("health_port"),
+                   help="the launcher's HTTP GET /ready (200/503) and /live: point load balancers and Kubernetes here, "
+                        "not at Triton's /v2/health/ready (which stays 200 with a dead worker)")
+    h.add_argument("--probe-interval-s", type=float, default=_health("probe_interval_s"),
+                   help="seconds between health checks (a 1-token inference of a tiny image through the ensemble)")
+    h.add_argument("--probe-timeout-s", type=float, default=_health("probe_timeout_s"), help="deadline of one probe")
+    h.add_argument("--probe-count", type=int, default=_health("probe_count"),
+                   help="probes per check; 0 = one per instance of the most replicated model")
+    h.add_argument("--failures-before-unready", type=int, default=_health("failures_before_unready"),
+                   help="failed checks in a row before the replica reports unready (a dead worker process: at once)")
+    h.add_argument("--max-recoveries", type=int, default=_health("max_recoveries"),
+                   help="failed recoveries (model reloads) in a row before the launcher stops the server and exits 3")
+    h.add_argument("--recovery-timeout-s", type=float, default=_health("recovery_timeout_s"),
+                   help="limit of one recovery (reload + workers back)")
+    h.add_argument("--old-stub-grace-s", type=float, default=_health("old_stub_grace_s"),
+                   help="after a reload, worker processes of the old model version that Triton kept alive (it does "
+                        "when a request failed on the dead one) are killed this long after it (time for their "
+                        "in-flight requests to finish)")
     return p
 
 
@@ -118,6 +151,14 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        decode_threads=args.decode_threads)
 
 
+def supervisor_options_from_args(args: argparse.Namespace) -> SupervisorOptions:
+    return SupervisorOptions(health_port=args.health_port, probe_interval_s=args.probe_interval_s,
+                             probe_timeout_s=args.probe_timeout_s, probe_count=args.probe_count,
+                             failures_before_unready=args.failures_before_unready,
+                             max_recoveries=args.max_recoveries, recovery_timeout_s=args.recovery_timeout_s,
+                             old_stub_grace_s=args.old_stub_grace_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     work_dir = (args.work_dir or DEFAULT_WORK_DIR).resolve()
@@ -129,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             demo = (work_dir / "demo-checkpoint") if args.work_dir else (DEFAULT_WORK_DIR.parent / "demo")
             checkpoint = ensure_demo_checkpoint(demo)
         opts = options_from_args(args, checkpoint)
+        health = supervisor_options_from_args(args)
         repo = render_repository(opts, work_dir / "model_repository")
         if args.render_only:
             print(repo)
@@ -137,37 +179,79 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ValueError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
+    return serve(opts, health, install, repo, Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port),
+                 exit_timeout_s=args.exit_timeout_secs)
 
-    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
-    server = TritonServer(install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs)
+
+def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, endpoints: Endpoints, *,
+          exit_timeout_s: int) -> int:
+    """Run tritonserver under the supervisor until SIGTERM/Ctrl-C (0), its death (1) or giving up (3)."""
+    server = TritonServer(install, repo, endpoints, exit_timeout_s=exit_timeout_s,
+                          models=(PREPROCESSING, LLM, ENSEMBLE))
+    client = VideoChatClient(endpoints.grpc_url, timeout=health.probe_timeout_s, max_retries=0)
+    supervisor = Supervisor(server, client, health, ensemble=ENSEMBLE, log=lambda m: print(m, flush=True))
+    try:
+        readiness = ReadinessServer(endpoints.host, health.health_port, supervisor.status).start()
+    except OSError as exc:
+        print(f"serve: cannot listen on {endpoints.host}:{health.health_port} (--health-port): {exc}", file=sys.stderr)
+        return 2
     stopping = []
 
-    def on_signal(signum, _frame):
+    def on_signal(signum, _frame):  # no locks, no output here: the main thread may hold them
         stopping.append(signum)
+        supervisor.drain()          # /ready 503 at once, so load balancers stop sending new work
         server.terminate()          # graceful: in-flight requests and streams complete
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"starting tritonserver ({opts.device}, checkpoint {checkpoint}, repository {repo})", flush=True)
-    server.start()
+    print(f"starting tritonserver ({opts.device}, checkpoint {opts.checkpoint}, repository {repo}); "
+          f"readiness on http://{endpoints.host}:{health.health_port}/ready", flush=True)
     try:
-        server.wait_ready(timeout_s=600)
-    except LaunchError as exc:
+        server.start()
+        try:
+            server.wait_ready(timeout_s=600)
+        except LaunchError as exc:
+            if not stopping:
+                print(f"serve: {exc}", file=sys.stderr)
+            server.stop()
+            return 0 if stopping else EXIT_SERVER_DIED
         if not stopping:
-            print(f"serve: {exc}", file=sys.stderr)
-        server.stop()
-        return 0 if stopping else 1
-    print(f"ready: model '{ENSEMBLE}' on grpc {endpoints.grpc_url}, http {endpoints.http_url}, "
-          f"metrics http://{endpoints.host}:{endpoints.metrics_port}/metrics "
-          f"(streaming: {'on' if opts.decoupled else 'off'})", flush=True)
+            supervisor.start()
+        return _supervise(server, supervisor, endpoints, opts, stopping)
+    finally:
+        supervisor.stop()
+        readiness.close()
+        client.close()
+
+
+def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoints, opts: RepoOptions,
+               stopping: list) -> int:
+    announced = drain_logged = False
     while True:
         try:
-            rc = server.wait()
+            rc = server.wait(timeout_s=0.2)
             break
-        except InterruptedError:
-            continue
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping and not drain_logged:
+            drain_logged = True
+            print("health: draining (SIGTERM): readiness is false, in-flight requests finish", flush=True)
+        if not announced and supervisor.became_ready.is_set():
+            announced = True
+            print(f"ready: model '{ENSEMBLE}' on grpc {endpoints.grpc_url}, http {endpoints.http_url}, "
+                  f"metrics http://{endpoints.host}:{endpoints.metrics_port}/metrics "
+                  f"(streaming: {'on' if opts.decoupled else 'off'})", flush=True)
+        if supervisor.exit_code is not None and not stopping:
+            print(f"serve: giving up ({supervisor.status()['reason']}); stopping tritonserver", file=sys.stderr,
+                  flush=True)
+            rc = server.stop()
+            print(f"tritonserver exited with code {rc}", flush=True)
+            return supervisor.exit_code
     leftovers = server.cleanup_shm()
     if leftovers:
         print(f"removed {len(leftovers)} leftover shared-memory region(s)", flush=True)
     print(f"tritonserver exited with code {rc}", flush=True)
-    return 0 if stopping and rc in (0, -signal.SIGTERM) else (rc or 0)
+    if stopping:
+        return 0 if rc in (0, -signal.SIGTERM) else 1
+    print("serve: tritonserver exited unexpectedly", file=sys.stderr, flush=True)
+    return EXIT_SERVER_DIED
