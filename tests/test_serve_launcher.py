@@ -26,9 +26,10 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def test_serve_demo_checkpoint_unary_and_sigterm(tmp_path):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     cmd = [sys.executable, "-m", "videochat", "serve", "--work-dir", str(tmp_path), "--device", "cpu",
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--health-port", str(ports[3]),
            "--preprocess-instances", "1", "--decoupled-mode", "false", "--exit-timeout-secs", "10"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
