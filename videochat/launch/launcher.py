@@ -247,6 +247,7 @@ def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoint
             rc = server.stop()
             print(f"tritonserver exited with code {rc}", flush=True)
             return supervisor.exit_code
+    server.kill_leftovers()
     leftovers = server.cleanup_shm()
     if leftovers:
         print(f"removed {len(leftovers)} leftover shared-memory region(s)", flush=True)

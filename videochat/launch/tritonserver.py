@@ -207,8 +207,18 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)   # its own session: the stubs go too
                 rc = self.proc.wait()
+            self.kill_leftovers()
         self.cleanup_shm()
         return rc
+
+    def kill_leftovers(self) -> None:
+        """After the server exited: SIGKILL what is left of its process group. Stubs exit with their server, but
+        one still initializing does not (seen once: tritonserver crashed on SIGTERM during a reload)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def cleanup_shm(self) -> list[str]:
         """Remove /dev/shm regions with this server's prefix (left behind only by crashed stubs)."""
