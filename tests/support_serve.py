@@ -170,7 +170,7 @@ class Served:
 class Traffic:
     """A client thread sending one short request after another; records (start, end, error or None)."""
 
-    def __init__(self, url: str, *, max_new_tokens: int = 4, timeout_s: float = 5) -> None:
+    def __init__(self, url: str, *, max_new_tokens: int = 4, timeout_s: float = 10) -> None:
         self.url, self.max_new_tokens, self.timeout_s = url, max_new_tokens, timeout_s
         self.results: list[tuple[float, float, Optional[str]]] = []
         self._stop = threading.Event()

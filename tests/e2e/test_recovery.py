@@ -5,6 +5,8 @@ faults injected for real with kill -9.
   within a few seconds, the launcher reloads the model by itself, /ready is 200 again within the stated time,
   and from then on every request succeeds (without the launcher, about every second request, or every
   request, fails forever: Triton 2.51 never restarts a stub and keeps reporting READY);
+* a hung `videochat_llm` stub (SIGSTOP: the process is there, so only the probe can tell): Triton answers
+  `not healthy` for it, the probe sees that, the model is reloaded and the hung stub is killed;
 * a broken deployment (the model's code no longer loads): recovery fails --max-recoveries times in a row, the
   launcher stops tritonserver and exits 3;
 * tritonserver itself killed: the launcher exits 1.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from support_serve import Served, Traffic, processes_under, wait_until
 from videochat_client import cli
 
 UNREADY_WITHIN_S = 3.0           # the stub watcher scans every 0.5 s
+PROBE_UNREADY_WITHIN_S = 10.0    # 2 failed checks; Triton answers `not healthy` for a stopped stub after ~1 s
 PREPROCESSING_BACK_WITHIN_S = 60.0
 LLM_BACK_WITHIN_S = 90.0         # a new stub imports torch and loads the model (measured ~20 s on 2 busy cores)
 SETTLE_S = 4.0                   # traffic after recovery, all of which must succeed
@@ -78,6 +82,27 @@ def test_dead_llm_stub_is_detected_and_reloaded(served):
     _outage(served, "videochat_llm", LLM_BACK_WITHIN_S)
 
 
+def test_hung_llm_stub_is_found_by_the_probe_and_replaced(served):
+    pid = served.stub_pids("videochat_llm")[0]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        unready_s = served.wait_readiness(False, PROBE_UNREADY_WITHIN_S)
+        back_s = served.wait_readiness(True, LLM_BACK_WITHIN_S) + unready_s
+        print(f"\nvideochat_llm stub {pid} stopped: /ready 503 after {unready_s:.1f} s, 200 again after {back_s:.1f} s")
+        assert any("failed probes in a row" in l and "videochat_llm" in l for l in served.health_lines()[-6:])
+        assert cli.main(["health", "--probe", "--url", served.url]) == 0
+        wait_until(lambda: not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", 30, "the hung stub is killed")
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+    print(f"hung stub killed {time.monotonic() - t0:.1f} s after SIGSTOP")
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_launcher_gives_up_when_recovery_keeps_failing(served):
     """Last in this module: it ends the shared server."""
     model_py = served.work_dir / "model_repository" / "preprocessing" / "1" / "model.py"
@@ -102,4 +127,4 @@ def test_launcher_exits_when_tritonserver_dies(tmp_path):
         assert "tritonserver exited unexpectedly" in s.output()
     finally:
         s.stop()
-    wait_until(lambda: processes_under(tmp_path) == [], 20, "stubs of a killed tritonserver exit by themselves")
+    assert processes_under(tmp_path) == []
