@@ -2,7 +2,7 @@
 
 The streams finish with a final response, the launcher's /ready is 503 at once (so a load balancer stops sending
 new work), a new request is refused quickly with an error the client library retries (on another replica, behind
-a load balancer), and the launcher exits 0 with nothing left running.
+a load balancer), and the launcher exits 0 soon after the last stream with nothing left running.
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ STREAMS = 3
 MAX_NEW_TOKENS = 1000      # ~6 s alone on the demo checkpoint, more with 3 at once: still running at SIGTERM
 UNREADY_WITHIN_S = 1.0
 REFUSED_WITHIN_S = 3.0
+EXIT_TIMEOUT_S = 60
 
 
 def test_sigterm_finishes_streams_refuses_new_work_and_exits_0(tmp_path):
-    s = Served(tmp_path, "--preprocess-instances", "1", "--stream-interval-ms", "0", exit_timeout_s=60)
+    s = Served(tmp_path, "--preprocess-instances", "1", "--stream-interval-ms", "0", exit_timeout_s=EXIT_TIMEOUT_S)
     answers: list = [None] * STREAMS
     errors: list = [None] * STREAMS
     started = [threading.Event() for _ in range(STREAMS)]
@@ -75,10 +76,13 @@ def test_sigterm_finishes_streams_refuses_new_work_and_exits_0(tmp_path):
         for a in answers:
             assert a is not None and a.finish_reason in ("stop", "length") and a.usage.completion_tokens >= 1, a
         rc = s.wait_exit(70)
+        took = time.monotonic() - t0
         print(f"streams done: {[a.usage.completion_tokens for a in answers]} tokens; serve exited {rc} "
-              f"{time.monotonic() - t0:.1f} s after SIGTERM")
+              f"{took:.1f} s after SIGTERM; " + " / ".join(
+                  l for l in s.output(20).splitlines() if l.startswith(("serve:", "tritonserver exited"))))
         assert rc == 0, s.output()
-        assert "tritonserver exited with code 0" in s.output()
+        # after the last stream, not at --exit-timeout-secs (2.51 sometimes keeps a model version referenced)
+        assert took < EXIT_TIMEOUT_S - 20
     finally:
         s.stop()
     assert processes_under(tmp_path) == []

@@ -7,6 +7,7 @@ faults injected for real with kill -9.
   request, fails forever: Triton 2.51 never restarts a stub and keeps reporting READY);
 * a hung `videochat_llm` stub (SIGSTOP: the process is there, so only the probe can tell): Triton answers
   `not healthy` for it, the probe sees that, the model is reloaded and the hung stub is killed;
+* SIGTERM after those recoveries: exit 0 soon after the drain, although Triton keeps the old model versions;
 * a broken deployment (the model's code no longer loads): recovery fails --max-recoveries times in a row, the
   launcher stops tritonserver and exits 3;
 * tritonserver itself killed: the launcher exits 1.
@@ -30,12 +31,13 @@ PROBE_UNREADY_WITHIN_S = 10.0    # 2 failed checks; Triton answers `not healthy`
 PREPROCESSING_BACK_WITHIN_S = 60.0
 LLM_BACK_WITHIN_S = 90.0         # a new stub imports torch and loads the model (measured ~20 s on 2 busy cores)
 SETTLE_S = 4.0                   # traffic after recovery, all of which must succeed
+EXIT_TIMEOUT_S = 60              # --exit-timeout-secs of the shared server
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     s = Served(tmp_path_factory.mktemp("recovery"), "--preprocess-instances", "2", "--probe-interval-s", "0.5",
-               "--old-stub-grace-s", "5", "--max-recoveries", "2")
+               "--old-stub-grace-s", "5", exit_timeout_s=EXIT_TIMEOUT_S)
     try:
         yield s.wait_ready()
     finally:
@@ -103,16 +105,34 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def test_launcher_gives_up_when_recovery_keeps_failing(served):
-    """Last in this module: it ends the shared server."""
-    model_py = served.work_dir / "model_repository" / "preprocessing" / "1" / "model.py"
-    model_py.write_text("raise RuntimeError('broken deployment (test)')\n")
-    served.kill_stub("preprocessing")
-    served.wait_readiness(False, UNREADY_WITHIN_S)
-    rc = served.wait_exit(90)   # 2 failed reloads, then a stop that waits out --exit-timeout-secs (dead stub)
-    print("\n" + "\n".join(served.health_lines()[-6:]))
-    assert rc == 3, served.output()
-    assert "recovery failed 2 times in a row" in served.output(200)
+def test_sigterm_after_recoveries_exits_0_without_waiting_out_the_exit_timeout(served):
+    """Last on the shared server. The recoveries above left model versions that Triton 2.51 never unloads (requests
+    failed on the dead stubs), so its own drain would wait the whole --exit-timeout-secs and exit 1."""
+    t0 = time.monotonic()
+    served.proc.send_signal(signal.SIGTERM)
+    rc = served.wait_exit(EXIT_TIMEOUT_S + 30)
+    took = time.monotonic() - t0
+    print(f"\nSIGTERM after the recoveries: serve exited {rc} after {took:.1f} s (--exit-timeout-secs {EXIT_TIMEOUT_S})")
+    print("\n".join(l for l in served.output(30).splitlines() if l.startswith(("serve:", "tritonserver exited"))))
+    assert rc == 0, served.output()
+    assert took < EXIT_TIMEOUT_S - 20
+
+
+def test_launcher_gives_up_when_recovery_keeps_failing(tmp_path):
+    s = Served(tmp_path, "--preprocess-instances", "1", "--probe-interval-s", "0.5", "--max-recoveries", "2")
+    try:
+        s.wait_ready()
+        model_py = s.work_dir / "model_repository" / "preprocessing" / "1" / "model.py"
+        model_py.write_text("raise RuntimeError('broken deployment (test)')\n")
+        s.kill_stub("preprocessing")
+        s.wait_readiness(False, UNREADY_WITHIN_S)
+        rc = s.wait_exit(90)   # 2 failed reloads, then the server is stopped
+        print("\n" + "\n".join(s.health_lines()[-6:]))
+        assert rc == 3, s.output()
+        assert "recovery failed 2 times in a row" in s.output(200)
+    finally:
+        s.stop()
+    assert processes_under(tmp_path) == []
 
 
 def test_launcher_exits_when_tritonserver_dies(tmp_path):

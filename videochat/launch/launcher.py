@@ -33,7 +33,7 @@ from videochat_client import VideoChatClient
 from videochat.launch.readiness import ReadinessServer
 from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
 from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
-from videochat.launch.tritonserver import Endpoints, LaunchError, TritonServer, find_triton
+from videochat.launch.tritonserver import UNLOAD_GRACE_S, Endpoints, LaunchError, TritonServer, find_triton
 from videochat.serving.settings import BATCHING_MODES, DTYPES
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
@@ -226,7 +226,7 @@ def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, end
 
 def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoints, opts: RepoOptions,
                stopping: list) -> int:
-    announced = drain_logged = False
+    announced = drain_logged = forced = False
     while True:
         try:
             rc = server.wait(timeout_s=0.2)
@@ -236,6 +236,11 @@ def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoint
         if stopping and not drain_logged:
             drain_logged = True
             print("health: draining (SIGTERM): readiness is false, in-flight requests finish", flush=True)
+        if stopping and not forced and server.unload_stuck():
+            forced = True   # the drain is done; only a model version 2.51 never unloads keeps it waiting
+            print(f"serve: every request finished, but tritonserver still unloads {UNLOAD_GRACE_S:.0f} s later "
+                  f"(a model version it never releases); stopping it", flush=True)
+            server.kill()
         if not announced and supervisor.became_ready.is_set():
             announced = True
             print(f"ready: model '{ENSEMBLE}' on grpc {endpoints.grpc_url}, http {endpoints.http_url}, "
@@ -251,8 +256,8 @@ def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoint
     leftovers = server.cleanup_shm()
     if leftovers:
         print(f"removed {len(leftovers)} leftover shared-memory region(s)", flush=True)
-    print(f"tritonserver exited with code {rc}", flush=True)
+    print(f"tritonserver exited with code {rc}" + (" (killed after the drain)" if forced else ""), flush=True)
     if stopping:
-        return 0 if rc in (0, -signal.SIGTERM) else 1
+        return 0 if forced or rc in (0, -signal.SIGTERM) else 1
     print("serve: tritonserver exited unexpectedly", file=sys.stderr, flush=True)
     return EXIT_SERVER_DIED

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Sequence
 
 NVIDIA_IMAGE_DIR = Path("/opt/tritonserver")
+# tritonserver 2.51 logs this once every in-flight inference finished after SIGTERM; only unloading is left then
+DRAINED_MARK = b"All models are stopped, unloading models"
+UNLOAD_GRACE_S = 10.0
 
 
 class LaunchError(RuntimeError):
@@ -141,16 +145,52 @@ class TritonServer:
         self.env = server_env(install)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.inference_done_at: float | None = None   # when the drain after SIGTERM had no inference left
 
     def start(self) -> "TritonServer":
-        out = open(self.log_path, "ab") if self.log_path else None
-        try:   # own session: Ctrl-C in a terminal reaches only us, and we forward SIGTERM
-            self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                         start_new_session=True)
-        finally:
-            if out:
-                out.close()
+        # own session: Ctrl-C in a terminal reaches only us, and we forward SIGTERM
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        threading.Thread(target=self._pump, args=(self.proc.stdout,), name="tritonserver-log", daemon=True).start()
         return self
+
+    def _pump(self, pipe) -> None:
+        """Copy the server's output to its log file (or our stdout), noting when its drain finished."""
+        sink = open(self.log_path, "ab") if self.log_path else getattr(sys.stdout, "buffer", None)
+        try:
+            for line in iter(pipe.readline, b""):
+                if DRAINED_MARK in line:
+                    self.inference_done_at = time.monotonic()
+                try:
+                    if sink is None:
+                        print(line.decode(errors="replace"), end="", flush=True)
+                    else:
+                        sink.write(line)
+                        sink.flush()
+                except (OSError, ValueError):   # our stdout went away: keep reading, or the server blocks
+                    pass
+        finally:
+            pipe.close()
+            if self.log_path and sink is not None:
+                sink.close()
+
+    def unload_stuck(self, grace_s: float | None = None) -> bool:
+        """After SIGTERM: every inference finished more than `grace_s` ago, yet the server still runs. Measured on
+        2.51: after a request failed on a dead stub (or, rarely, after a refused request) a model version stays
+        referenced and never unloads, so the server waits out --exit-timeout-secs and exits 1 with nothing left
+        to do. A normal unload takes ~4 s."""
+        grace = UNLOAD_GRACE_S if grace_s is None else grace_s
+        done = self.inference_done_at
+        return (done is not None and self.proc is not None and self.proc.poll() is None
+                and time.monotonic() - done > grace)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its stubs (its own process group)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -198,15 +238,19 @@ class TritonServer:
         return self.proc.wait(timeout_s)
 
     def stop(self) -> int:
-        """SIGTERM, wait the server's exit timeout (+ margin), SIGKILL if needed; clean our shm regions."""
+        """SIGTERM, wait the server's exit timeout (+ margin), SIGKILL if needed (or as soon as only a stuck unload
+        is left, see unload_stuck); clean our shm regions."""
         rc = 0
         if self.proc is not None:
             self.terminate()
-            try:
-                rc = self.proc.wait(self.exit_timeout_s + 15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)   # its own session: the stubs go too
-                rc = self.proc.wait()
+            deadline = time.monotonic() + self.exit_timeout_s + 15
+            while True:
+                try:
+                    rc = self.proc.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline or self.unload_stuck():
+                        self.kill()
             self.kill_leftovers()
         self.cleanup_shm()
         return rc
@@ -215,10 +259,7 @@ class TritonServer:
         """After the server exited: SIGKILL what is left of its process group. Stubs exit with their server, but
         one still initializing does not (seen once: tritonserver crashed on SIGTERM during a reload)."""
         if self.proc is not None and self.proc.poll() is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self.kill()
 
     def cleanup_shm(self) -> list[str]:
         """Remove /dev/shm regions with this server's prefix (left behind only by crashed stubs)."""
