@@ -159,6 +159,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_health(args) -> int:
+    if args.probe_count < 0:
+        raise InvalidArgument(f"--probe-count must be >= 0, got {args.probe_count}")
     with _client(args) as client:
         try:
             state = client.health(timeout=min(args.timeout, 10.0))
@@ -184,8 +186,6 @@ def _run_probe(client: VideoChatClient, args):
     """`--probe-count 0`: one probe per instance of the most replicated model behind the ensemble."""
     from .probe import instance_counts, probe
     count = args.probe_count
-    if count < 0:
-        raise InvalidArgument(f"--probe-count must be >= 0, got {count}")
     if count == 0:
         with client.triton() as raw:
             try:

@@ -55,6 +55,7 @@ def test_cli_health_probe_without_a_server_exits_3_with_json(capsys):
     assert cli.main(["health", "--probe", "--url", url, "--timeout", "3"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert out["ready"] is False and out["probe"]["ok"] is False and out["probe"]["code"] == "UNAVAILABLE"
+    assert cli.main(["health", "--probe", "--probe-count", "-1", "--url", url]) == 2
 
 
 @pytest.mark.parametrize("message, status", [
