@@ -195,3 +195,32 @@ def test_live_stubs_counts_children_and_not_zombies(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_a_supervisor_that_cannot_ask_triton_fails_closed():
+    """Nothing answers on the gRPC port (the config API fails): the replica must not say ready; it gives up."""
+    import socket
+    from types import SimpleNamespace
+
+    from videochat.launch.supervisor import Supervisor
+    from videochat_client import VideoChatClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["sleep", "30"])
+    logs: list[str] = []
+    try:
+        with VideoChatClient(f"127.0.0.1:{port}", timeout=2) as client:
+            sup = Supervisor(SimpleNamespace(proc=proc), client, SupervisorOptions(probe_timeout_s=1),
+                             ensemble="videochat", log=logs.append).start()
+            deadline = time.monotonic() + 20
+            while sup.exit_code is None:
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.05)
+        status = sup.status()
+        assert sup.exit_code == EXIT_UNHEALTHY and not status["ready"] and not status["live"], status
+        assert any("supervisor failed" in line for line in logs), logs
+    finally:
+        proc.kill()
+        proc.wait()
