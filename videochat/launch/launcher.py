@@ -3,7 +3,8 @@
     python -m videochat serve [--checkpoint DIR] [--device auto|cpu|cuda] [--host 127.0.0.1]
         [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
         [--decoupled-mode true|false] [--batching inflight|static] [--stream-interval-ms 20]
-        [--media-cache-mb 512] [--visual-cache-mb 256] [--work-dir DIR]
+        [--media-cache-mb 512] [--visual-cache-mb 256] [--decode-isolation true|false]
+        [--decode-timeout-s 120] [--decode-memory-mb 4096] [--work-dir DIR]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
 interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; start the
@@ -68,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=_default("decode_threads"),
                    help="CPU, in-flight: torch intra-op threads of a decode step (vision/prefill keep torch's "
                         "default); 0 = torch's default for both")
+    p.add_argument("--decode-isolation", choices=("true", "false"),
+                   default=str(_default("decode_isolation")).lower(),
+                   help="decode uploads in a worker process per preprocessing instance: a crash, hang or runaway "
+                        "allocation fails that request alone (docs/operations.md, 'Decode isolation')")
+    p.add_argument("--decode-timeout-s", type=float, default=_default("decode_timeout_s"),
+                   help="decode isolation: wall-clock limit of one decode; the worker is killed and replaced")
+    p.add_argument("--decode-memory-mb", type=int, default=_default("decode_memory_mb"),
+                   help="decode isolation: memory one decode may allocate on top of the idle worker")
     p.add_argument("--dtype", choices=DTYPES, default=_default("dtype"))
     p.add_argument("--max-new-tokens-limit", type=int, default=_default("max_new_tokens_limit"),
                    help="largest max_new_tokens accepted")
@@ -115,7 +124,8 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        batching=args.batching,
                        max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
                        media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb,
-                       decode_threads=args.decode_threads)
+                       decode_threads=args.decode_threads, decode_isolation=args.decode_isolation == "true",
+                       decode_timeout_s=args.decode_timeout_s, decode_memory_mb=args.decode_memory_mb)
 
 
 def main(argv: list[str] | None = None) -> int:

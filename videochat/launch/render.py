@@ -14,9 +14,10 @@ from pathlib import Path
 from videochat_client import schema
 
 from videochat.serving.requests import MEDIA_INFO, PIXEL_DIMS, PIXEL_VALUES, REQ_PREFIX
-from videochat.serving.settings import (BATCHING_MODES, DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES,
-                                       DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS, DEFAULT_VISUAL_CACHE_MB,
-                                       DTYPES)
+from videochat.serving.settings import (BATCHING_MODES, DEFAULT_DECODE_ISOLATION, DEFAULT_DECODE_MEMORY_MB,
+                                       DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_NEW_TOKENS_LIMIT,
+                                       DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS,
+                                       DEFAULT_VISUAL_CACHE_MB, DTYPES)
 
 # model_repository/ is installed as this package's data (pyproject.toml), so `serve` works from any directory.
 SOURCE_REPOSITORY = Path(importlib.import_module("videochat.launch.model_repository").__path__[0])
@@ -42,6 +43,9 @@ class RepoOptions:
     media_cache_mb: int = DEFAULT_MEDIA_CACHE_MB            # preprocessing output cache per instance; 0 = off
     visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB          # visual-token cache per llm instance; 0 = off
     decode_threads: int = 1                 # CPU in-flight: intra-op threads of a decode step; 0 = torch default
+    decode_isolation: bool = DEFAULT_DECODE_ISOLATION       # preprocessing decodes in a worker process
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S      # ... which may take this long per input
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB        # ... and grow by this much
     # Test/CPU convenience: also serve `videochat_unary` (-> `videochat_llm_unary`, decoupled false) next to
     # the decoupled pair, sharing preprocessing. Costs a second copy of the model, so not for GPUs.
     extra_unary_variant: bool = False
@@ -60,6 +64,10 @@ class RepoOptions:
         for name in ("max_active", "stream_interval_ms", "media_cache_mb", "visual_cache_mb", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.decode_timeout_s > 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.decode_memory_mb < 1:
+            raise ValueError(f"decode_memory_mb must be >= 1, got {self.decode_memory_mb}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if not (Path(self.checkpoint) / "config.json").is_file():
@@ -75,7 +83,9 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
     common = {"max_batch_size": opts.max_batch_size, "max_new_tokens_limit": opts.max_new_tokens_limit}
     _render_model(source / PREPROCESSING, out_dir / PREPROCESSING, {
         **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes,
-        "media_cache_mb": opts.media_cache_mb, **preprocessing_blocks()})
+        "media_cache_mb": opts.media_cache_mb, "decode_isolation": str(opts.decode_isolation).lower(),
+        "decode_timeout_s": opts.decode_timeout_s, "decode_memory_mb": opts.decode_memory_mb,
+        **preprocessing_blocks()})
     variants = [("", opts.decoupled)] + ([(UNARY_SUFFIX, False)] if opts.extra_unary_variant else [])
     for suffix, decoupled in variants:
         _render_model(source / LLM, out_dir / (LLM + suffix), {

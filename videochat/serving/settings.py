@@ -20,6 +20,11 @@ BATCHING_MODES = ("inflight", "static")   # join the running batch between decod
 DEFAULT_STREAM_INTERVAL_MS = 20
 DEFAULT_MEDIA_CACHE_MB = 512
 DEFAULT_VISUAL_CACHE_MB = 256
+# Decode isolation (videochat/serving/decode_worker.py): user bytes are decoded in a worker process that may
+# take this long and allocate this much above its idle size; generous, they stop a bomb, not a big video.
+DEFAULT_DECODE_ISOLATION = True
+DEFAULT_DECODE_TIMEOUT_S = 120.0
+DEFAULT_DECODE_MEMORY_MB = 4096
 MB = 1024 * 1024
 # Parameters the python backend itself reads; allowed in any config.
 _BACKEND_PARAMETERS = {"EXECUTION_ENV_PATH"}
@@ -48,6 +53,24 @@ def _positive_int(params: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def _bool(params: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = params.get(key, str(default).lower())
+    if raw not in ("true", "false"):
+        raise SettingsError(f"parameter {key} must be true or false, got {raw!r}")
+    return raw == "true"
+
+
+def _positive_float(params: Mapping[str, str], key: str, default: float) -> float:
+    raw = params.get(key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"parameter {key} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise SettingsError(f"parameter {key} must be > 0, got {value}")
+    return value
+
+
 def _non_negative_int(params: Mapping[str, str], key: str, default: int) -> int:
     raw = params.get(key, str(default))
     try:
@@ -64,15 +87,22 @@ class PreprocessSettings:
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     media_cache_bytes: int = 0          # LRU of preprocessed outputs keyed by media_key; 0 = off
+    decode_isolation: bool = DEFAULT_DECODE_ISOLATION     # decode in a worker process (crash/hang/OOM-proof)
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S    # wall clock of one decode in the worker
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB      # worker's memory growth allowed for one decode
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "PreprocessSettings":
         params = config_parameters(json.loads(args["model_config"]),
-                                   known={"max_video_bytes", "max_new_tokens_limit", "media_cache_mb"})
+                                   known={"max_video_bytes", "max_new_tokens_limit", "media_cache_mb",
+                                          "decode_isolation", "decode_timeout_s", "decode_memory_mb"})
         return cls(max_video_bytes=_positive_int(params, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES),
                    max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
                                                       DEFAULT_MAX_NEW_TOKENS_LIMIT),
-                   media_cache_bytes=_non_negative_int(params, "media_cache_mb", 0) * MB)
+                   media_cache_bytes=_non_negative_int(params, "media_cache_mb", 0) * MB,
+                   decode_isolation=_bool(params, "decode_isolation", DEFAULT_DECODE_ISOLATION),
+                   decode_timeout_s=_positive_float(params, "decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S),
+                   decode_memory_mb=_positive_int(params, "decode_memory_mb", DEFAULT_DECODE_MEMORY_MB))
 
 
 @dataclass(frozen=True)
