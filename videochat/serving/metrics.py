@@ -142,3 +142,12 @@ class PreprocessMetrics:
                             lambda: cache.misses)
         self.mirror.gauge(f.metric("videochat_media_cache_bytes", "Bytes held by the media cache", "GAUGE"),
                           lambda: cache.bytes)
+
+    def watch_decode_pool(self, stats: Any) -> None:
+        """Decode isolation (decode_worker.PoolStats): inputs that crashed, hung or exhausted a worker."""
+        for name, attr, what in (
+                ("videochat_decode_worker_crashes_total", "crashes", "Decode worker died on an input"),
+                ("videochat_decode_worker_timeouts_total", "timeouts", "Decode worker killed at the time limit"),
+                ("videochat_decode_worker_oom_total", "out_of_memory", "Decode worker hit its memory limit"),
+                ("videochat_decode_worker_restarts_total", "restarts", "Decode workers replaced")):
+            self.mirror.counter(self._f.metric(name, what, "COUNTER"), lambda attr=attr: getattr(stats, attr))
