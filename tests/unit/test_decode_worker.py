@@ -136,6 +136,18 @@ def test_a_concurrent_good_job_is_not_affected_by_a_hang(pool):
     assert len(errors) == 1 and isinstance(errors[0], DecodeFailure) and "time limit" in str(errors[0])
 
 
+def test_a_killed_zygote_costs_no_request(pool):
+    """kill -9 of the zygote (it never decodes, but the OOM killer could pick it): its workers exit by
+    themselves, and the next jobs get a new zygote and new workers instead of a 'decoder crashed' error."""
+    old_zygote, old_workers = pool.zygote_pid, pool.pids()
+    os.kill(old_zygote, signal.SIGKILL)
+    assert wait_gone([old_zygote, *old_workers]) == []
+    for _ in range(2):
+        pixels, _ = pool.decode(VIDEO, MediaOptions(num_segments=4), "k", MAX_BYTES)
+        assert pixels.shape[2] == 4
+    assert pool.zygote_pid != old_zygote and not set(pool.pids()) & set(old_workers)
+
+
 def test_a_worker_that_cannot_start_is_a_server_error_not_a_hang():
     t0 = time.monotonic()
     with pytest.raises(WorkerUnavailable, match="exit code 1"):

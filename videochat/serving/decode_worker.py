@@ -19,7 +19,7 @@ Processes. Importing torch and PyAV takes seconds, so a pool starts one **zygote
 once and then only forks workers on request (a fork + a warm-up decode: ~0.1-0.3 s, so a replaced worker is
 back before the next request). The zygote never decodes, runs no threads, and reaps its children; the pool asks
 it how a worker died (signal or exit code). Each worker runs one job at a time over two pipes; a message is
-`<header bytes, payload bytes>` + a pickled header + the raw payload (the file one way, the fp16 pixels the
+`<header bytes, payload bytes>` + a JSON header + the raw payload (the file one way, the fp16 pixels the
 other, read straight into the result array: one copy each side). Pipes, not shared memory: a killed worker
 leaves nothing behind (no /dev/shm file), and the copy is small next to decoding
 (bench/decode_isolation_bench.py). The memory cap is RLIMIT_DATA (private writable memory: heap, anonymous
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import pickle
+import json
 import queue
 import select
 import signal
@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -111,6 +111,11 @@ def worker_python() -> str:
                             f"sys.prefix={sys.prefix!r})")
 
 
+def _dumps(message: dict) -> bytes:
+    # JSON, not pickle: a worker that decodes hostile bytes must not be able to make the stub run code
+    return json.dumps(message).encode()
+
+
 def exit_status(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -140,6 +145,7 @@ class _Zygote:
             theirs.close()
         self.sock = ours
         self.lock = threading.Lock()
+        self.broken = False                         # a reply went missing: request and reply no longer pair
         self.sock.settimeout(start_timeout_s)
         try:
             self._reply()                           # "ready": torch and PyAV are imported
@@ -149,7 +155,7 @@ class _Zygote:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.broken and self.proc.poll() is None
 
     def fork(self, memory_mb: int, timeout_s: float) -> tuple[int, int, int]:
         """A new worker: (pid, job pipe write end, result pipe read end)."""
@@ -173,6 +179,8 @@ class _Zygote:
     def close(self) -> None:
         """The zygote exits when its socket closes (its workers when their pipes close)."""
         self.sock.close()
+        if self.broken:
+            self.proc.kill()
         try:
             self.proc.wait(_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
@@ -183,7 +191,7 @@ class _Zygote:
         with self.lock:
             self.sock.settimeout(timeout_s)
             try:
-                socket.send_fds(self.sock, [pickle.dumps(request)], list(fds))
+                socket.send_fds(self.sock, [_dumps(request)], list(fds))
             except OSError as exc:
                 raise WorkerUnavailable(f"the decode zygote is gone ({exit_status(self.proc.poll())}): "
                                         f"{exc}") from None
@@ -193,6 +201,7 @@ class _Zygote:
         try:
             raw = self.sock.recv(_CONTROL_BYTES)
         except socket.timeout:
+            self.broken = True
             raise WorkerUnavailable("the decode zygote did not answer in time") from None
         except OSError as exc:
             raise WorkerUnavailable(f"the decode zygote is gone: {exc}") from None
@@ -202,7 +211,7 @@ class _Zygote:
             except subprocess.TimeoutExpired:
                 rc = None
             raise WorkerUnavailable(f"the decode zygote exited ({exit_status(rc)})")
-        reply = pickle.loads(raw)
+        reply = json.loads(raw)
         if "error" in reply:
             raise WorkerUnavailable(f"the decode zygote failed: {reply['error']}")
         return reply
@@ -231,11 +240,11 @@ class _Worker:
 
     def run(self, header: dict, data: bytes, timeout_s: float) -> tuple[np.ndarray, bytes, dict]:
         deadline = time.monotonic() + timeout_s
-        self._send(pickle.dumps(dict(header, timeout_s=timeout_s)), data, deadline)
-        reply, pixels = self._recv(deadline, payload=lambda h: np.empty(h["shape"], np.float16))
+        self._send(_dumps(dict(header, timeout_s=timeout_s)), data, deadline)
+        reply, pixels = self._recv(deadline, payload=_pixel_buffer)
         status = reply["status"]
         if status == "ok":
-            return pixels, reply["info"], reply
+            return pixels, reply["info"].encode(), reply
         if status == "rejected":
             raise RequestError(reply["message"])
         if status == "oom":
@@ -244,7 +253,7 @@ class _Worker:
 
     def death(self, fault: _Fault) -> _Fault:
         """A broken pipe -> what happened to the worker (it is gone or going): its signal or exit code."""
-        if fault.kind != "crash":
+        if fault.kind != "crash" or fault.detail:       # a detail: it is alive but talks nonsense
             return fault
         rc = self.wait_exit()
         return _Fault("oom") if rc == OOM_EXIT_CODE else _Fault("crash", exit_status(rc))
@@ -257,10 +266,21 @@ class _Worker:
                 pass
         return self.returncode
 
+    def is_alive(self) -> bool:
+        """Running: not exited (a zombie waiting for the zygote to reap it is dead)."""
+        if self.returncode is not None:
+            return False
+        try:
+            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
     def kill(self) -> None:
-        if self.returncode is None:
+        # Only while the zygote lives: until it reaps the pid, the pid is ours. An orphan (zygote gone) exits
+        # by itself within a second, and its pid may already belong to someone else.
+        if self.returncode is None and self.zygote.alive:
             try:
-                os.kill(self.pid, signal.SIGKILL)   # not yet reaped (we ask the zygote to), so still ours
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.wait_exit()
@@ -292,19 +312,19 @@ class _Worker:
                 except OSError:             # EPIPE: the worker is gone
                     raise _Fault("crash") from None
 
-    def _recv(self, deadline: float, payload: Callable[[dict], np.ndarray] | None) -> tuple[dict, Any]:
+    def _recv(self, deadline: float, payload: Callable[[dict, int], np.ndarray] | None) -> tuple[dict, Any]:
         sizes = bytearray(_FRAME.size)
         self._read_into(memoryview(sizes), deadline)
         header_len, payload_len = _FRAME.unpack(sizes)
         raw = bytearray(header_len)
         self._read_into(memoryview(raw), deadline)
-        header = pickle.loads(raw)
-        out = payload(header) if payload is not None and payload_len else None
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            raise _Fault("crash", "it sent a malformed reply") from None
+        out = payload(header, payload_len) if payload is not None and payload_len else None
         if out is not None:
-            view = memoryview(out).cast("B")
-            if len(view) != payload_len:
-                raise WorkerError(f"worker sent {payload_len} bytes for shape {header.get('shape')}")
-            self._read_into(view, deadline)
+            self._read_into(memoryview(out).cast("B"), deadline)
         elif payload_len:
             self._read_into(memoryview(bytearray(payload_len)), deadline)
         return header, out
@@ -320,6 +340,14 @@ class _Worker:
             if n == 0:
                 raise _Fault("crash")
             got += n
+
+
+def _pixel_buffer(header: dict, payload_len: int) -> np.ndarray:
+    """The result array the pixels are read into; its size is checked before anything is allocated."""
+    shape = [int(d) for d in header.get("shape", ())]
+    if not shape or any(d < 0 for d in shape) or int(np.prod(shape)) * 2 != payload_len:
+        raise _Fault("crash", f"it sent {payload_len} bytes for shape {shape}")   # the pipe is out of step now
+    return np.empty(shape, np.float16)
 
 
 def _wait(fd: int, event: int, deadline: float) -> None:
@@ -363,8 +391,8 @@ class DecodePool:
             raise
 
     def wait_ready(self) -> list[dict]:
-        """Block until every worker is ready (raises WorkerUnavailable); their ready reports. Call it before
-        the pool is used (it reads the workers' pipes)."""
+        """Block until every worker is ready (raises WorkerUnavailable); their ready reports. Only while no
+        job runs (it reads the workers' pipes): before the pool is used, or between jobs."""
         with self._lock:
             workers = list(self._all)
         return [w.wait_ready(self.start_timeout_s) for w in workers]
@@ -380,21 +408,26 @@ class DecodePool:
     def decode(self, data: bytes, opts: MediaOptions, key: str, max_bytes: int) -> tuple[np.ndarray, bytes]:
         if self._closed:
             raise WorkerUnavailable("the decode pool is closed")
-        worker = self._idle.get()
+        worker = self._idle.get()           # None: a slot whose worker could not be started; retried now
         try:
+            if worker is not None and not worker.is_alive():
+                # died between jobs (its zygote was killed, the OOM killer, ...): not this input's doing
+                worker = self._retire(worker, "found dead before its next job", replace=False)
+            if worker is None:
+                worker = self._spawn()
             try:
                 worker.wait_ready(self.start_timeout_s)
             except WorkerUnavailable as exc:
-                worker = self._replace(worker, str(exc))
+                worker = self._retire(worker, str(exc), replace=False)
                 raise
             try:
-                pixels, info, _ = worker.run({"opts": opts, "key": key, "max_bytes": max_bytes}, data,
+                pixels, info, _ = worker.run({"opts": asdict(opts), "key": key, "max_bytes": max_bytes}, data,
                                              self.timeout_s)
             except _Fault as fault:
                 fault = worker.death(fault)
                 self._count(fault.kind)
                 message = self._message(fault)
-                worker = self._replace(worker, message)
+                worker = self._retire(worker, message, replace=True)
                 raise DecodeFailure(message) from None
             with self._lock:
                 self.stats.decoded += 1
@@ -425,7 +458,7 @@ class DecodePool:
     def _spawn(self) -> _Worker:
         with self._lock:
             if not self._zygote.alive:      # never seen: it decodes nothing; but a pool must not die with it
-                self._log(f"decode zygote {self._zygote.proc.pid} is gone "
+                self._log(f"decode zygote {self._zygote.proc.pid} is gone or confused "
                           f"({exit_status(self._zygote.proc.poll())}); starting a new one")
                 self._zygote.close()
                 self._zygote = _Zygote(self._python, self._env, self.start_timeout_s)
@@ -435,13 +468,21 @@ class DecodePool:
             self._all.add(worker)
         return worker
 
-    def _replace(self, worker: _Worker, why: str) -> _Worker:
+    def _retire(self, worker: _Worker, why: str, *, replace: bool) -> _Worker | None:
+        """Kill and reap `worker`; with `replace`, fork its successor now (it warms up while the failed
+        request's error goes out). None: the slot is empty and the next job tries again."""
         worker.kill()
         with self._lock:
             self._all.discard(worker)
             self.stats.restarts += 1
-        new = self._spawn()
-        self._log(f"decode worker {worker.pid} ({exit_status(worker.returncode)}) replaced by {new.pid}: {why}")
+        new = None
+        if replace:
+            try:
+                new = self._spawn()
+            except WorkerUnavailable as exc:
+                why += f"; no replacement yet: {exc}"
+        self._log(f"decode worker {worker.pid} ({exit_status(worker.returncode)}) "
+                  f"{'replaced by ' + str(new.pid) if new else 'retired'}: {why}")
         return new
 
 
@@ -572,7 +613,7 @@ def _run_job(header: dict, data: bytearray, armed: frozenset[str]) -> tuple[dict
         fault = requested_fault(data, armed)
         if fault is not None:
             _inject(fault)
-        pixels, info = decode_media(data, header["opts"], header["key"], header["max_bytes"])
+        pixels, info = decode_media(data, MediaOptions(**header["opts"]), header["key"], header["max_bytes"])
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; the frames (and memory) go with exc
         if out_of_memory(exc):
             reply = _OOM_REPLY
@@ -581,7 +622,8 @@ def _run_job(header: dict, data: bytearray, armed: frozenset[str]) -> tuple[dict
         else:
             reply = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
         return reply, None
-    reply = {"status": "ok", "shape": pixels.shape, "info": info, "decode_ms": (time.perf_counter() - t0) * 1e3}
+    reply = {"status": "ok", "shape": list(pixels.shape), "info": info.decode(),
+             "decode_ms": (time.perf_counter() - t0) * 1e3}
     return reply, np.ascontiguousarray(pixels, dtype=np.float16)
 
 
@@ -595,7 +637,7 @@ def _serve_jobs(job_fd: int, res_fd: int, memory_mb: int) -> int:
     base = _vm_data_bytes()
     limit = base + memory_mb * MB
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    raw = pickle.dumps({"status": "ready", "pid": os.getpid(), "base_mb": base // MB, "limit_mb": limit // MB,
+    raw = _dumps({"status": "ready", "pid": os.getpid(), "base_mb": base // MB, "limit_mb": limit // MB,
                         "faults": sorted(armed)})
     _write_all(res_fd, _FRAME.pack(len(raw), 0), raw)
     while True:
@@ -603,7 +645,7 @@ def _serve_jobs(job_fd: int, res_fd: int, memory_mb: int) -> int:
         if sizes is None:
             return 0                                # the pool closed our pipe: done
         header_len, data_len = _FRAME.unpack(sizes)
-        header = pickle.loads(_read_exact(job_fd, header_len) or b"")
+        header = json.loads(_read_exact(job_fd, header_len) or b"{}")
         data = _read_exact(job_fd, data_len) if data_len else bytearray()
         if data is None:
             return 0
@@ -611,7 +653,7 @@ def _serve_jobs(job_fd: int, res_fd: int, memory_mb: int) -> int:
         try:
             reply, pixels = _run_job(header, data, armed)
             del data
-            raw = pickle.dumps(reply)
+            raw = _dumps(reply)
         except MemoryError:                 # not even the reply fits: say it with the exit code
             os._exit(OOM_EXIT_CODE)
         payload = memoryview(pixels).cast("B") if pixels is not None else b""
@@ -659,7 +701,7 @@ def zygote_main(control_fd: int) -> int:
     faulthandler.enable()       # a crash prints the stack into the server log; forked workers inherit it
     control = socket.socket(fileno=control_fd)
     import preprocessing            # noqa: F401 - torch + PyAV, imported once for every worker
-    control.send(pickle.dumps({"status": "ready", "pid": os.getpid()}))
+    control.send(_dumps({"status": "ready", "pid": os.getpid()}))
     while True:
         try:
             raw, fds, _flags, _addr = socket.recv_fds(control, _CONTROL_BYTES, 2)
@@ -667,7 +709,7 @@ def zygote_main(control_fd: int) -> int:
             return 0
         if not raw:
             return 0                                # the pool is gone: so are we (workers follow)
-        request = pickle.loads(raw)
+        request = json.loads(raw)
         try:
             if request["cmd"] == "fork":
                 reply = {"pid": _fork_worker(fds[0], fds[1], request["memory_mb"], control)}
@@ -677,7 +719,7 @@ def zygote_main(control_fd: int) -> int:
                 reply = {"error": f"unknown command {request['cmd']!r}"}
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        control.send(pickle.dumps(reply))
+        control.send(_dumps(reply))
 
 
 if __name__ == "__main__":
