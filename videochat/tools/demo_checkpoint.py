@@ -69,8 +69,8 @@ def make_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """Write the demo checkpoint into `out_dir` (created; existing files overwritten). Returns the path."""
     from safetensors.torch import save_file
 
-    from .checkpoint import official_layout
-    from .model import VideoChatModel
+    from videochat.model.checkpoint import official_layout
+    from videochat.model.videochat_model import VideoChatModel
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from conftest import TINY, VIDEOS, free_port
+from support.paths import TINY, VIDEOS
+from support.server import free_port
 from videochat_client import (AsyncVideoChatClient, Conversation, DeadlineExceeded, InvalidArgument, RetryPolicy,
                               VideoChatClient)
 from videochat_client import cli

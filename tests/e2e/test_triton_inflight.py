@@ -10,7 +10,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import TINY, VIDEOS, llm_inputs
+from support.paths import TINY, VIDEOS
+from support.server import answer_of, llm_inputs, token_responses
 
 LLM = {"model": "videochat_llm"}
 LONG = dict(video=(TINY / "videos" / "example1.mp4").read_bytes(), image=True, prompt="Tell a long story.",
@@ -35,21 +36,22 @@ def wait_for(check, timeout_s: float = 10.0, what: str = ""):
 def test_requests_join_the_running_batch_and_match_alone(triton):
     joins0 = triton.metric("videochat_inflight_joins_total", **LLM)
     with ThreadPoolExecutor(1 + len(SHORT)) as pool:
-        long_future = pool.submit(triton.stream, **LONG)
+        long_future = pool.submit(triton.stream_chunks, **LONG)
         wait_for(lambda: triton.metric("videochat_active_sequences", **LLM) >= 1, what="the long request to start")
         short_futures = [pool.submit(triton.stream, **r) for r in SHORT]
         together = [f.result() for f in short_futures]
-        long_answer = long_future.result()
+        long_chunks = long_future.result()
+        long_answer = answer_of(long_chunks)
     joins = triton.metric("videochat_inflight_joins_total", **LLM) - joins0
     peak = triton.metric("videochat_active_sequences_peak", **LLM)
     print(f"joins during the run: {joins}, peak active sequences: {peak}")
     assert joins >= 1 and peak >= 2
-    assert long_answer.completion_tokens == 1000 and long_answer.finish_reason == "length"
-    assert long_answer.responses == 1000          # stream_interval_ms 0: token by token
+    assert long_answer.usage.completion_tokens == 1000 and long_answer.finish_reason == "length"
+    assert token_responses(long_chunks) == 1000          # stream_interval_ms 0: token by token
     for req, answer in zip(SHORT, together):
         alone = triton.stream(**req)
-        assert (answer.text, answer.token_ids, answer.prompt_tokens) == \
-            (alone.text, alone.token_ids, alone.prompt_tokens), req["prompt"]
+        assert (answer.text, answer.token_ids, answer.usage.prompt_tokens) == \
+            (alone.text, alone.token_ids, alone.usage.prompt_tokens), req["prompt"]
     alone = triton.stream(**LONG)
     assert (long_answer.text, long_answer.token_ids) == (alone.text, alone.token_ids)
 
@@ -73,7 +75,7 @@ def test_repeated_video_hits_both_caches_with_the_same_answer(triton):
     c2 = wait_for(lambda: (c := counts())[2] >= c1[2] + 2 and c, what="the visual-cache hits")
     assert [b - a for a, b in zip(c1, c2)] == [2, 0, 2, 0]
     assert (third.text, third.token_ids) == (first.text, first.token_ids)
-    assert second.completion_tokens >= 1
+    assert second.usage.completion_tokens >= 1
     unary = triton.infer(model="videochat_unary", **req)      # static path: no visual cache
     assert (unary.text, unary.token_ids) == (first.text, first.token_ids)
 
@@ -93,4 +95,4 @@ def test_cancelled_stream_frees_its_slot(triton):
              what="the cancel to reach the scheduler")
     wait_for(lambda: triton.metric("videochat_active_sequences", **LLM) == 0, what="the slot to be freed")
     after = triton.stream(**SHORT[0])                                  # the server keeps serving
-    assert after.completion_tokens >= 1
+    assert after.usage.completion_tokens >= 1

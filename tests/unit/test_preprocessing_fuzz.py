@@ -13,11 +13,11 @@ from types import ModuleType
 
 import pytest
 
+from support.paths import ROOT
 from preprocessing import PreprocessResult, VideoDecodeError, preprocess
 from preprocessing.decode import VideoSource, _user_bytes
 from preprocessing.limits import Limits
 
-ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT / "tests" / "data" / "videos"
 
 

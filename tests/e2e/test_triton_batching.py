@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import TINY, VIDEOS
+from support.paths import TINY, VIDEOS
 
 FILES = ["example1.mp4", "idx_solid_h264_320x240_300f.mp4", "faststart_h264_640x360_6s.mp4",
          "odd_size_vp9_333x197.webm", "vfr_h264_320x240_180f.mp4", "idx_three_frames_h264_320x240.mp4",
@@ -39,4 +39,4 @@ def test_concurrent_requests_batch_and_match_solo_answers(triton):
     for req, answer in zip(reqs, together):
         alone = triton.stream(**req)
         assert (answer.text, answer.token_ids) == (alone.text, alone.token_ids), req["prompt"]
-        assert answer.completion_tokens == len(answer.token_ids) <= req["max_new_tokens"]
+        assert answer.usage.completion_tokens == len(answer.token_ids) <= req["max_new_tokens"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from numerics import assert_close_scaled
+from support.numerics import assert_close_scaled
 from test_generation import FRAME, MIXED, FakeModel, media, request
 from videochat.runtime.engine import GenerationEngine
 from videochat.runtime.detokenize import DECODE_KWARGS

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.paths import TINY
 from videochat.model.checkpoint import official_layout, official_stored_dtype, plan_load
 from videochat.model.config import ConfigError, VideoChatConfig
 from videochat.model.videochat_model import VideoChatModel
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+FIXTURE = TINY
 
 
 def test_fixture_config_values():

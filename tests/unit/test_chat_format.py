@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.paths import TINY
 from videochat.runtime.chat_format import (PLACEHOLDER_TOKEN_ID, MediaType, append_turn, build_conversation, build_prompt,
                                    normalize_history)
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+FIXTURE = TINY
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
 CONFIG = json.loads((FIXTURE / "config.json").read_text())
 BRIDGE = CONFIG["model_config"]["bridge"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import json
 
-from conftest import TINY, VIDEOS, free_port
+from support.paths import TINY, VIDEOS
+from support.server import free_port
 from videochat_client import cli
 
 

@@ -14,13 +14,14 @@ import torch
 from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from support.paths import TINY
 from videochat.runtime.chat_format import build_prompt
 from videochat.runtime.detokenize import DECODE_KWARGS, IncrementalDetokenizer
 from videochat.runtime.generation import generate, generate_stream
 from videochat.runtime.sampling import filter_top_k_top_p
 from videochat.runtime.types import ChatRequest, FinishReason, GenerationParams, validate_media
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+FIXTURE = TINY
 RAW_CONFIG = json.loads((FIXTURE / "config.json").read_text())["model_config"]
 BRIDGE = RAW_CONFIG["bridge"]
 TOKENS_PER_CLIP = BRIDGE["num_query_token"] + BRIDGE["extra_num_query_token"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from conftest import TINY
+from support.paths import TINY
 
 GOLDEN = json.loads((TINY / "golden.json").read_text())
 MAX_NEW = GOLDEN["generation_config"]["max_new_tokens"]
@@ -44,12 +44,12 @@ def test_served_answers_equal_golden_and_cli(triton, case, capsys):
     for turn in case["turns"]:
         answer = triton.stream(prompt=turn["user_prompt"], history=history, **case_fields(case))
         assert answer.text == turn["response"], turn["user_prompt"]
-        assert answer.token_ids == turn["generated_ids"]
-        assert answer.prompt_tokens == turn["prompt_len"]
-        assert answer.completion_tokens == turn["num_generated"]
+        assert list(answer.token_ids) == turn["generated_ids"]
+        assert answer.usage.prompt_tokens == turn["prompt_len"]
+        assert answer.usage.completion_tokens == turn["num_generated"]
         assert answer.finish_reason == ("stop" if turn["stopped_on_eos"] else "length")
         served.append(answer)
         history.append((turn["user_prompt"], answer.text))
     offline = cli_answers(case, capsys)
     assert [a.text for a in served] == [t["text"] for t in offline]
-    assert [a.token_ids for a in served] == [t["token_ids"] for t in offline]
+    assert [list(a.token_ids) for a in served] == [t["token_ids"] for t in offline]

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import TINY
+from support.paths import TINY
 from videochat_client import schema
 from videochat.launch.render import RepoOptions, render_repository
 from videochat.serving.requests import (CHAT_FIELDS, RequestError, chat_fields_to_arrays, getter_from_mapping,

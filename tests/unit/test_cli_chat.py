@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 FIXTURE = REPO / "tests" / "data" / "tiny-videochat"
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
 CASES = {case["id"]: case for case in GOLDEN["cases"]}

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from decord import VideoReader, cpu
 
+from support.paths import VIDEOS
 from preprocessing import Limits, preprocess
 from preprocessing.decode import VideoSource, _rgb_as_ffmpeg41
 from preprocessing.sampling import get_index
-from reference_load_video import load_video
+from support.reference_load_video import load_video
 
-VIDEOS = Path(__file__).parent / "data" / "videos"
 DEEP_420 = ["hevc_main10_1280x720_30fps_3s.mp4", "h264_high10_bt2020_1280x720_30fps_1s.mp4",
             "hevc_main12_bt2020_640x360_30fps_1s.mp4"]
 

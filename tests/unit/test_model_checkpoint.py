@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from numerics import assert_close_scaled
+from support.paths import TINY
+from support.numerics import assert_close_scaled
 
 from videochat.model.checkpoint import CheckpointError
 from videochat.tools.demo_checkpoint import main as demo_main
@@ -21,7 +22,7 @@ from videochat.tools.demo_checkpoint import make_demo_checkpoint
 from videochat.model.videochat_model import VideoChatModel
 from videochat.model.tokenization import TokenizerNotFoundError
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+FIXTURE = TINY
 Q_PROJ = "lm.base_model.model.model.layers.1.self_attn.q_proj"
 
 

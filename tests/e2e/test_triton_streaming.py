@@ -3,25 +3,27 @@ answer of the `decoupled: false` variant; unary ModelInfer on the decoupled ense
 from __future__ import annotations
 
 import pytest
-from tritonclient.utils import InferenceServerException
+from videochat_client import VideoChatError
 
-from conftest import TINY
+from support.paths import TINY
+from support.server import answer_of, token_responses
 
 FIELDS = dict(video=(TINY / "videos" / "example1.mp4").read_bytes(), prompt="Describe the action step by step.",
               max_new_tokens=12)
 
 
 def test_stream_is_incremental_and_equals_unary(triton):
-    streamed = triton.stream(**FIELDS)
+    chunks = triton.stream_chunks(**FIELDS)
+    streamed = answer_of(chunks)
     unary = triton.infer(model="videochat_unary", **FIELDS)
-    assert streamed.responses >= 5                      # token by token, not one buffered answer
+    assert token_responses(chunks) >= 5                 # token by token, not one buffered answer
     assert streamed.text == unary.text and streamed.token_ids == unary.token_ids
     assert streamed.finish_reason == unary.finish_reason == "length"
-    assert streamed.completion_tokens == unary.completion_tokens == 12
-    assert streamed.prompt_tokens == unary.prompt_tokens > 0
+    assert streamed.usage.completion_tokens == unary.usage.completion_tokens == 12
+    assert streamed.usage.prompt_tokens == unary.usage.prompt_tokens > 0
 
 
 def test_unary_infer_on_decoupled_ensemble_is_unimplemented(triton):
-    with pytest.raises(InferenceServerException) as err:
+    with pytest.raises(VideoChatError) as err:
         triton.infer(model="videochat", **FIELDS)
-    assert "UNIMPLEMENTED" in str(err.value.status())
+    assert err.value.code == "UNIMPLEMENTED"

@@ -7,22 +7,17 @@
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from numerics import assert_close_scaled
+from support.golden import MAX_NEW_TOKENS, golden_media, golden_model, golden_request
+from support.numerics import assert_close_scaled
+from support.paths import CASES, GOLDEN
 from videochat.runtime.chat_format import normalize_history
 from videochat.runtime.detokenize import DECODE_KWARGS
 from videochat.runtime.generation import first_step_logits, generate
-from videochat.runtime.types import ChatRequest, FinishReason, GenerationParams
+from videochat.runtime.types import FinishReason
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
-GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
-CASES = {case["id"]: case for case in GOLDEN["cases"]}
-MAX_NEW_TOKENS = GOLDEN["generation_config"]["max_new_tokens"]
 TOP5 = len(GOLDEN["cases"][0]["turns"][0]["first_step_top5"]["ids"])
 # fixture README: observed <= 3e-5 across implementations on logits of magnitude 25-40 (rel ~1e-6)
 LOGITS_REL = 3e-5
@@ -30,29 +25,12 @@ LOGITS_REL = 3e-5
 
 @pytest.fixture(scope="module")
 def model():
-    from videochat.model.videochat_model import VideoChatModel
-    return VideoChatModel.from_checkpoint(FIXTURE, device="cpu")
+    return golden_model()
 
 
 @pytest.fixture(scope="module")
 def media():
-    """case id -> media tensor [clips, T, 3, 224, 224], preprocessed as the case says."""
-    from preprocessing import preprocess
-    out = {}
-    for case_id, case in CASES.items():
-        pre = case["preprocess"]
-        result = preprocess((FIXTURE / case["video"]).read_bytes(), num_segments=pre["num_segments"],
-                            resolution=pre["resolution"], hd_num=pre["hd_num"], padding=pre["padding"],
-                            image=case["media_type"] == "image")
-        out[case_id] = result.pixel_values[0]
-        assert out[case_id].shape[0] == pre["num_clips"]
-    return out
-
-
-def _request(case, media, turn_index, history, max_new_tokens=MAX_NEW_TOKENS) -> ChatRequest:
-    return ChatRequest(media=media[case["id"]], media_type=case["media_type"],
-                       prompt=case["turns"][turn_index]["user_prompt"], history=history, msg=case["msg"],
-                       instruction=case["instruction"], params=GenerationParams(max_new_tokens=max_new_tokens))
+    return golden_media()
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -60,7 +38,7 @@ def test_case_turn_by_turn(model, media, case_id):
     case = CASES[case_id]
     history = ()
     for turn_index, turn in enumerate(case["turns"]):
-        request = _request(case, media, turn_index, history)
+        request = golden_request(case, media, turn_index, history)
         top5 = first_step_logits(model, [request])[0].topk(TOP5)
         assert top5.indices.tolist() == turn["first_step_top5"]["ids"], f"turn {turn_index}"
         assert_close_scaled(top5.values, torch.tensor(turn["first_step_top5"]["logits"]), rel=LOGITS_REL)
@@ -80,7 +58,7 @@ def test_mixed_batch_equals_golden(model, media):
         for turn_index, turn in enumerate(case["turns"]):
             history = normalize_history(case["turns"][turn_index - 1]["chat_history_after"]) if turn_index else ()
             max_new = MAX_NEW_TOKENS - len(requests) % 4 * 3  # 12, 9, 6, 3, 12, ...
-            requests.append(_request(case, media, turn_index, history, max_new_tokens=max_new))
+            requests.append(golden_request(case, media, turn_index, history, max_new_tokens=max_new))
             expected.append(turn["generated_ids"][:max_new])
             expected_top5.append(turn["first_step_top5"])
     assert len({r.num_clips for r in requests}) >= 3 and len({len(r.history) for r in requests}) == 3

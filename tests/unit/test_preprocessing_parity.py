@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from support.paths import ROOT, DATA
 from preprocessing import preprocess
 from preprocessing.__main__ import main as cli_main
-from reference_load_video import load_video
+from support.reference_load_video import load_video
 
-DATA = Path(__file__).parent / "data"
 VIDEOS = DATA / "videos"
 FIXTURE = DATA / "tiny-videochat"
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
@@ -110,7 +110,7 @@ def test_cli_writes_npy_and_metadata(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_rejects_with_exit_2_and_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "preprocessing", str(VIDEOS / "image.png"), "--out",
                            str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parents[1])
+                          cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stdout == "" and proc.stderr.count("\n") == 1 and "use image=True" in proc.stderr
     assert not (tmp_path / "x.npy").exists()

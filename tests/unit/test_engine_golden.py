@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from test_golden import CASES, _request, media, model  # noqa: F401  (module fixtures)
+from support.golden import golden_media, golden_model, golden_request
+from support.paths import CASES
 from videochat.runtime.chat_format import normalize_history
 from videochat.runtime.engine import GenerationEngine
 from videochat.runtime.types import FinishReason
@@ -20,6 +21,16 @@ JOIN_STEPS = (0, 0, 1, 3, 5, 8, 14, 16, 40)
 MAX_STEPS = 60
 
 
+@pytest.fixture(scope="module")
+def model():
+    return golden_model()
+
+
+@pytest.fixture(scope="module")
+def media():
+    return golden_media()
+
+
 def golden_turns():
     """(case id, request kwargs, golden turn) for every turn, with the golden history of the turns before."""
     for case in CASES.values():
@@ -29,10 +40,10 @@ def golden_turns():
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
-def test_staggered_golden_turns(model, media, monkeypatch, cached):  # noqa: F811
+def test_staggered_golden_turns(model, media, monkeypatch, cached):
     turns = list(golden_turns())
     assert len(turns) == len(JOIN_STEPS)
-    requests = [_request(case, media, turn_index, history) for case, turn_index, history, _ in turns]
+    requests = [golden_request(case, media, turn_index, history) for case, turn_index, history, _ in turns]
     if cached:   # the server's media_key: one per video + preprocessing, the same for every turn of a case
         requests = [replace(r, media_key=case["id"]) for r, (case, *_) in zip(requests, turns)]
     encoded: list[int] = []

@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"preprocessing": ROOT / "preprocessing", "videochat": ROOT / "videochat",
            "videochat_client": ROOT / "client" / "videochat_client"}
 ADAPTERS = sorted((ROOT / "model_repository").glob("*/1/model.py"))
@@ -54,15 +54,17 @@ def _imports(path: Path, name: str) -> set[tuple[str, str]]:
     return {(m, n) for m, n in found if m.split(".")[0] in SOURCES}
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Module -> the project modules it imports; and the imports of project modules that do not exist."""
     files = [p for base in SOURCES.values() for p in base.rglob("*.py")] + ADAPTERS
     modules = {_module_name(p): p for p in files}
-    graph = {}
+    graph, missing = {}, []
     for name, path in modules.items():
         # `from pkg import sub` depends on pkg.sub when that is a module, else on pkg itself
         targets = {f"{m}.{n}" if f"{m}.{n}" in modules else m for m, n in _imports(path, name)}
+        missing += [f"{name} imports {t}" for t in targets if t not in modules]
         graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
+    return graph, missing
 
 
 def _rank(module: str) -> int:
@@ -73,7 +75,11 @@ def _rank(module: str) -> int:
     return RANKS[best]
 
 
-GRAPH = _graph()
+GRAPH, MISSING = _graph()
+
+
+def test_every_import_of_the_project_resolves():
+    assert not MISSING
 
 
 def test_every_module_belongs_to_a_layer():

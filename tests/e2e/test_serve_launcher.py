@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, TINY, Answer, TritonHandle, free_port
+from support.paths import ROOT, TINY
+from support.server import TritonHandle, free_port
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -44,10 +45,10 @@ def test_serve_demo_checkpoint_unary_and_sigterm(tmp_path):
                 break
         assert lines and lines[-1].startswith("ready:"), "".join(lines[-40:])
         assert (tmp_path / "demo-checkpoint" / "config.json").is_file()
-        answer: Answer = TritonHandle(None, f"127.0.0.1:{ports[1]}").infer(
+        answer = TritonHandle(None, f"127.0.0.1:{ports[1]}").infer(
             model="videochat", video=(TINY / "videos" / "example1.mp4").read_bytes(), prompt="What is this?",
             max_new_tokens=5)
-        assert 1 <= answer.completion_tokens <= 5 and answer.finish_reason in ("stop", "length")
+        assert 1 <= answer.usage.completion_tokens <= 5 and answer.finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

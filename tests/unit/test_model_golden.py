@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from numerics import assert_close_scaled
+from support.paths import TINY
+from support.numerics import assert_close_scaled
 from preprocessing import preprocess
 from videochat.model.videochat_model import VideoChatModel
 from videochat.model.projection import merge_visual_tokens
 
-FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
+FIXTURE = TINY
 GOLDEN = json.loads((FIXTURE / "golden.json").read_text())
 CASES = {c["id"]: c for c in GOLDEN["cases"]}
 # Relative to the tensor's scale: a sum's error grows with the sum of |x|, an element's (or the mean's, min's,

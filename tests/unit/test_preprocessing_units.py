@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from preprocessing.hd_transform import finish_canvas, hd_geometry, resize_frame
 from preprocessing.limits import Limits
 from preprocessing.sampling import card_message, get_index
-from reference_load_video import HD_transform_padding
-from reference_load_video import get_index as ref_get_index
+from support.reference_load_video import HD_transform_padding
+from support.reference_load_video import get_index as ref_get_index
 from preprocessing import VideoDecodeError
 from torchvision.transforms.functional import normalize as _tv_normalize
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from decord import VideoReader, cpu
 
+from support.paths import ROOT
 from preprocessing import Limits, VideoDecodeError, preprocess
 from preprocessing.decode import VideoSource
 from preprocessing.sampling import get_index
-from reference_load_video import load_video
+from support.reference_load_video import load_video
 
-ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT / "tests" / "data" / "videos"
 MANIFEST = json.loads((VIDEOS / "manifest.json").read_text())["files"]
 BY_NAME = {f["file"]: f for f in MANIFEST}
