@@ -16,7 +16,9 @@ from dataclasses import replace
 
 import torch
 
+from .cli_chat import seed_arg
 from .config import LLMConfig, QFormerConfig, VideoChatConfig, VisionConfig
+from .errors import UserError, one_line
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_assets")
 NUM_CONTROL_AND_BYTE_TOKENS = 5 + 256   # <unk> <s> </s> [INST] [/INST] + byte fallback pieces of the demo tokenizer
@@ -99,9 +101,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m videochat make-demo-checkpoint",
                                  description="Write a tiny seeded random-weight checkpoint in the official layout.")
     ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     args = ap.parse_args(argv)
-    path = make_demo_checkpoint(args.out_dir, seed=args.seed)
+    try:
+        path = make_demo_checkpoint(args.out_dir, seed=args.seed)
+    except OSError as e:   # OUT_DIR is a file, or under one, or not writable; exit 2 via run_cli
+        raise UserError(f"cannot write the demo checkpoint: {one_line(e)}") from None
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     print(f"demo checkpoint written to {path} ({size / 1e6:.1f} MB)")
     return 0
