@@ -57,12 +57,22 @@ def seed_arg(text: str) -> int:
     return seed
 
 
+def _checkpoint_error(checkpoint: str, exc: BaseException) -> UserError:
+    return UserError(f"cannot load checkpoint {checkpoint}: {one_line(exc)}")
+
+
 def _check_paths(args: argparse.Namespace) -> bytes:
-    """The checks that need no torch, done before importing it (a typo fails at once): the checkpoint is a
-    directory and the video file reads. Returns the video bytes."""
+    """The checks that need no torch, done before importing it (a typo or a truncated download fails at
+    once): the checkpoint directory's files (`preflight`) and that the video file reads. Returns its bytes."""
+    from videochat.preflight import check_checkpoint_files
+
     if not os.path.isdir(args.checkpoint):   # else config.py would read the path as a config.json file
-        why = "is not a directory" if os.path.exists(args.checkpoint) else "does not exist"
-        raise UserError(f"cannot load checkpoint {args.checkpoint}: {why}")
+        raise _checkpoint_error(args.checkpoint, UserError(
+            "is not a directory" if os.path.exists(args.checkpoint) else "does not exist"))
+    try:
+        check_checkpoint_files(args.checkpoint)
+    except USER_ERRORS as e:
+        raise _checkpoint_error(args.checkpoint, e) from None
     try:
         with open(args.video, "rb") as f:
             return f.read()
@@ -117,8 +127,8 @@ def main(argv: Sequence[str]) -> int:
         model = VideoChatModel.from_checkpoint(args.checkpoint, device=device)
         if args.instruction:   # the QFormer tokenizer loads lazily: fail now, not after "ASSISTANT:"
             model.qformer_tokenizer  # noqa: B018
-    except USER_ERRORS as e:   # ConfigError, CheckpointError, TokenizerNotFoundError, unreadable files
-        raise UserError(f"cannot load checkpoint {args.checkpoint}: {one_line(e)}") from None
+    except USER_ERRORS as e:   # CheckpointError (keys, shapes), a corrupt tokenizer, unreadable files
+        raise _checkpoint_error(args.checkpoint, e) from None
     history: tuple[tuple[str, str], ...] = ()
     turns = []
     for prompt in args.prompt:

@@ -25,7 +25,7 @@ def _resolve(ckpt_dir: str | os.PathLike, rel: str) -> str:
 
 
 def check_llm_tokenizer_file(ckpt_dir: str | os.PathLike, config: VideoChatConfig) -> str:
-    """The LLM tokenizer's folder, if it has a `tokenizer.model` (transformers-free: `serve` checks it early)."""
+    """The LLM tokenizer's folder, if it has a `tokenizer.model` (transformers-free: `preflight` checks it before any slow import)."""
     path = _resolve(ckpt_dir, config.llm.tokenizer_path)
     if not os.path.isfile(os.path.join(path, "tokenizer.model")):
         raise TokenizerNotFoundError(f"LLM tokenizer: no tokenizer.model in {path} (llm.tokenizer_path="
@@ -35,9 +35,9 @@ def check_llm_tokenizer_file(ckpt_dir: str | os.PathLike, config: VideoChatConfi
 
 def load_llm_tokenizer(ckpt_dir: str | os.PathLike, config: VideoChatConfig):
     """The slow `LlamaTokenizer` from `<ckpt_dir>/<llm.tokenizer_path>` (no network)."""
+    path = check_llm_tokenizer_file(ckpt_dir, config)   # before importing transformers (seconds)
     from transformers import LlamaTokenizer
 
-    path = check_llm_tokenizer_file(ckpt_dir, config)
     try:
         tok = LlamaTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, RuntimeError, ValueError) as e:   # sentencepiece: "could not parse ModelProto"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import signal
 import socket
@@ -29,9 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from videochat.config import VideoChatConfig
 from videochat.errors import EXIT_FAILURE, UserError, report
-from videochat.tokenization import check_llm_tokenizer_file
+from videochat.preflight import check_checkpoint_files
 from videochat.server.render import ENSEMBLE, RepoOptions, render_repository
 from videochat.server.triton import Endpoints, LaunchError, TritonServer, find_triton
 
@@ -69,35 +67,6 @@ def check_ports_free(endpoints: Endpoints) -> None:
                     raise UserError(f"port {port} ({flag}) is already in use on {endpoints.host}; stop what "
                                     f"listens there or choose another {flag}") from None
                 raise UserError(f"cannot listen on {endpoints.host}:{port} ({flag}): {e.strerror}") from None
-
-
-def check_checkpoint_files(checkpoint: Path) -> None:
-    """What can be checked without torch, so that a broken checkpoint fails here in a second instead of as a
-    stub traceback in tritonserver's log after the other models loaded: config.json parses and is consistent,
-    the LLM tokenizer file exists, and every weight file's safetensors header reads. Key names and shapes are
-    left to the strict loader in the model instance (that needs the model skeleton, i.e. torch)."""
-    from safetensors import SafetensorError, safe_open
-
-    config = VideoChatConfig.from_json(checkpoint)
-    check_llm_tokenizer_file(checkpoint, config)
-    index = checkpoint / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted({checkpoint / name for name in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index: {type(e).__name__}: {e}") from None
-    else:
-        files = [checkpoint / "model.safetensors"]
-    for path in files:
-        if not path.is_file():   # safe_open would say "No such device" for a directory
-            why = "not a regular file" if path.exists() else "No such file or directory"
-            raise UserError(f"cannot read weight file {path}: {why}")
-        try:
-            with safe_open(str(path), framework="numpy"):   # reads and checks the header only
-                pass
-        except (SafetensorError, OSError) as e:
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise UserError(f"cannot read weight file {path}: {why}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             demo = (work_dir / "demo-checkpoint") if args.work_dir else (DEFAULT_WORK_DIR.parent / "demo")
             checkpoint = ensure_demo_checkpoint(demo)
         opts = options_from_args(args, checkpoint)   # checks the flag values and that config.json exists
-        check_checkpoint_files(checkpoint)
+        check_checkpoint_files(checkpoint)           # torch-free: a broken file fails now, not in a stub
         repo = render_repository(opts, work_dir / "model_repository")
         if args.render_only:
             print(repo)
