@@ -13,8 +13,7 @@ import json
 import os
 import shutil
 from dataclasses import replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from .cli_chat import seed_arg
 from .config import LLMConfig, QFormerConfig, VideoChatConfig, VisionConfig
@@ -23,6 +22,9 @@ from .errors import UserError, one_line
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_assets")
 NUM_CONTROL_AND_BYTE_TOKENS = 5 + 256   # <unk> <s> </s> [INST] [/INST] + byte fallback pieces of the demo tokenizer
 LM_HEAD_GAIN = 8.0
+
+if TYPE_CHECKING:   # imported where used: a bad OUT_DIR fails before the seconds torch takes to import
+    import torch
 
 
 def demo_config() -> VideoChatConfig:
@@ -39,6 +41,8 @@ def demo_config() -> VideoChatConfig:
 
 
 def _init(key: str, shape: tuple[int, ...], gen: torch.Generator, eos_id: int) -> torch.Tensor:
+    import torch
+
     def randn(*s):
         return torch.randn(*s, generator=gen)
 
@@ -69,13 +73,14 @@ def _init(key: str, shape: tuple[int, ...], gen: torch.Generator, eos_id: int) -
 
 def make_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """Write the demo checkpoint into `out_dir` (created; existing files overwritten). Returns the path."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    import torch
     from safetensors.torch import save_file
 
     from .checkpoint import official_layout
     from .model import VideoChatModel
 
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     config = demo_config()
     with torch.device("meta"):
         skeleton = VideoChatModel(config)
