@@ -20,6 +20,7 @@ ADAPTERS = sorted((ROOT / "model_repository").glob("*/1/model.py"))
 # Higher rank may import lower or equal rank, never higher.
 RANKS = {
     "preprocessing": 0, "videochat_client": 0,
+    "videochat.errors": 0,      # the user-facing error type every CLI entry point reports the same way
     "videochat.model": 1, "videochat.runtime": 2, "videochat.serving": 3,
     "videochat.launch": 4, "videochat.tools": 4, "model_repository": 4, "videochat.__main__": 5,
 }

@@ -115,6 +115,17 @@ def test_no_checkpoint_file_is_a_clear_error(tmp_path):
         VideoChatModel.from_checkpoint(ckpt, device="cpu")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_safetensors"])
+def test_unreadable_weight_file_is_a_checkpoint_error_naming_it(tmp_path, fixture_tensors, damage):
+    ckpt = write_ckpt(tmp_path / "c", dict(fixture_tensors))
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"<html>404</html>")
+    with pytest.raises(CheckpointError, match=f"cannot read weight file {weights}: ") as err:   # not SafetensorError
+        VideoChatModel.from_checkpoint(ckpt, device="cpu")
+    assert isinstance(err.value, RuntimeError)
+
+
 def _same_weights(a: VideoChatModel, b: VideoChatModel) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

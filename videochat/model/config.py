@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from videochat.errors import UserError
+
 LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
-class ConfigError(ValueError):
-    """An inconsistent or unreadable model config (the message names both numbers)."""
+class ConfigError(ValueError, UserError):
+    """An inconsistent or unreadable model config (the message names both numbers, or the file)."""
 
 
 def _check(cond: bool, what: str, got: Any, expected: Any) -> None:
@@ -185,9 +187,16 @@ class VideoChatConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from None
-        return cls.from_dict(raw)
+        except OSError as e:
+            raise ConfigError(f"cannot read model config {path}: {e.strerror or e}") from None
+        except ValueError as e:  # JSONDecodeError, or not UTF-8 text at all (a weights file given as config)
+            raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model config {path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, AttributeError) as e:  # a field of the wrong JSON type (e.g. "depth": "40")
+            raise ConfigError(f"model config {path}: a field has the wrong type: {e}") from None
 
     @classmethod
     def from_dict(cls, raw: dict) -> "VideoChatConfig":

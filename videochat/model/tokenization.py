@@ -12,26 +12,38 @@ from __future__ import annotations
 
 import os
 
+from videochat.errors import UserError
 from videochat.model.config import VideoChatConfig
 
 
-class TokenizerNotFoundError(FileNotFoundError):
-    pass
+class TokenizerNotFoundError(FileNotFoundError, UserError):
+    """A tokenizer folder or file that is missing, cannot be parsed, or does not fit the model."""
 
 
 def _resolve(ckpt_dir: str | os.PathLike, rel: str) -> str:
     return os.path.normpath(os.path.join(os.fspath(ckpt_dir), rel))
 
 
-def load_llm_tokenizer(ckpt_dir: str | os.PathLike, config: VideoChatConfig):
-    """The slow `LlamaTokenizer` from `<ckpt_dir>/<llm.tokenizer_path>` (no network)."""
-    from transformers import LlamaTokenizer
-
+def check_llm_tokenizer_file(ckpt_dir: str | os.PathLike, config: VideoChatConfig) -> str:
+    """The LLM tokenizer's folder, if it has a `tokenizer.model` (transformers-free: `preflight` checks it before any slow import)."""
     path = _resolve(ckpt_dir, config.llm.tokenizer_path)
     if not os.path.isfile(os.path.join(path, "tokenizer.model")):
         raise TokenizerNotFoundError(f"LLM tokenizer: no tokenizer.model in {path} (llm.tokenizer_path="
                                      f"{config.llm.tokenizer_path!r} relative to the checkpoint dir)")
-    tok = LlamaTokenizer.from_pretrained(path, local_files_only=True)
+    return path
+
+
+def load_llm_tokenizer(ckpt_dir: str | os.PathLike, config: VideoChatConfig):
+    """The slow `LlamaTokenizer` from `<ckpt_dir>/<llm.tokenizer_path>` (no network)."""
+    path = check_llm_tokenizer_file(ckpt_dir, config)   # before importing transformers (seconds)
+    from transformers import LlamaTokenizer
+
+    try:
+        tok = LlamaTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as e:   # sentencepiece: "could not parse ModelProto"
+        raise TokenizerNotFoundError(f"LLM tokenizer: cannot load {path}/tokenizer.model: {e}") from None
+    if not isinstance(tok, LlamaTokenizer):   # transformers returns False for a corrupt tokenizer.model
+        raise TokenizerNotFoundError(f"LLM tokenizer: {path}/tokenizer.model is not a sentencepiece model")
     if len(tok) > config.llm.vocab_size:
         raise TokenizerNotFoundError(f"LLM tokenizer in {path} has {len(tok)} tokens, more than the LLM vocab "
                                      f"{config.llm.vocab_size}")
