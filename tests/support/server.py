@@ -3,8 +3,13 @@ through the real client library (videochat_client): streaming through `VideoChat
 tritonclient with the client's request builder and response parser, metrics with the client's scraper."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,6 +109,51 @@ def running_server(work: Path, **options) -> Iterator[TritonHandle]:
         yield TritonHandle(server, endpoints.grpc_url, f"http://{endpoints.host}:{endpoints.metrics_port}/metrics")
     finally:
         server.stop()
+
+
+@dataclass
+class ServeProcess:
+    """A running `python -m videochat serve`: its process, stdout lines so far, and its ports."""
+    proc: subprocess.Popen
+    lines: list[str]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    output: str = ""          # the rest of stdout, after it exited
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
+@contextmanager
+def serve_process(python: str, args: list[str], *, cwd: Path, ready_timeout_s: float = 300) -> Iterator[ServeProcess]:
+    """Start `python -m videochat serve ARGS` on free ports, wait for its "ready:" line, SIGTERM it on exit.
+    After the block, `.proc.returncode` and `.output` tell how it stopped."""
+    ports = [free_port() for _ in range(3)]
+    cmd = [python, "-m", "videochat", "serve", "--device", "cpu", "--http-port", str(ports[0]),
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    serving = ServeProcess(proc, [], *ports)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            serving.lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert serving.lines and serving.lines[-1].startswith("ready:"), "".join(serving.lines[-40:])
+        yield serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            serving.output, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+            raise
 
 
 def llm_inputs(prompt: str, max_new_tokens: int, media_info: bytes = b'{"media_type": "image"}') -> list:
