@@ -9,12 +9,12 @@ from videochat.runtime.types import ChatRequest, GenerationParams
 MAX_NEW_TOKENS = GOLDEN["generation_config"]["max_new_tokens"]
 
 
-def golden_model():
+def load_golden_model():
     from videochat.model.videochat_model import VideoChatModel
     return VideoChatModel.from_checkpoint(TINY, device="cpu")
 
 
-def golden_media() -> dict[str, torch.Tensor]:
+def load_golden_media() -> dict[str, torch.Tensor]:
     """case id -> media tensor [clips, T, 3, 224, 224], preprocessed as the case says."""
     from preprocessing import preprocess
     out = {}

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from support.golden import golden_media, golden_model, golden_request
+from support.golden import golden_request
 from support.paths import CASES
 from videochat.runtime.chat_format import normalize_history
 from videochat.runtime.engine import GenerationEngine
@@ -21,16 +21,6 @@ JOIN_STEPS = (0, 0, 1, 3, 5, 8, 14, 16, 40)
 MAX_STEPS = 60
 
 
-@pytest.fixture(scope="module")
-def model():
-    return golden_model()
-
-
-@pytest.fixture(scope="module")
-def media():
-    return golden_media()
-
-
 def golden_turns():
     """(case id, request kwargs, golden turn) for every turn, with the golden history of the turns before."""
     for case in CASES.values():
@@ -40,17 +30,17 @@ def golden_turns():
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
-def test_staggered_golden_turns(model, media, monkeypatch, cached):
+def test_staggered_golden_turns(golden_model, golden_media, monkeypatch, cached):
     turns = list(golden_turns())
     assert len(turns) == len(JOIN_STEPS)
-    requests = [golden_request(case, media, turn_index, history) for case, turn_index, history, _ in turns]
+    requests = [golden_request(case, golden_media, turn_index, history) for case, turn_index, history, _ in turns]
     if cached:   # the server's media_key: one per video + preprocessing, the same for every turn of a case
         requests = [replace(r, media_key=case["id"]) for r, (case, *_) in zip(requests, turns)]
     encoded: list[int] = []
-    encode_media = model.encode_media
-    monkeypatch.setattr(model, "encode_media", lambda m, *a: encoded.append(len(m)) or encode_media(m, *a))
+    encode_media = golden_model.encode_media
+    monkeypatch.setattr(golden_model, "encode_media", lambda m, *a: encoded.append(len(m)) or encode_media(m, *a))
 
-    engine = GenerationEngine(model, visual_cache=VisualCache(1 << 30) if cached else None)
+    engine = GenerationEngine(golden_model, visual_cache=VisualCache(1 << 30) if cached else None)
     handles, ids, texts, reasons = [], {}, {}, {}
     for step in range(MAX_STEPS):
         joining = [r for r, s in zip(requests, JOIN_STEPS) if s == step]
