@@ -1,7 +1,8 @@
 """The model card's `load_video` (InternVideo2-Chat-8B-HD), re-typed as test code.
 
 Decord 0.6.0 + get_index + HD_transform_padding / HD_transform_no_padding(fix_ratio=(2, 1)),
-exactly as the card and spec §7 describe; the reference our `preprocessing` package must match.
+exactly as the card (and docs/preprocessing.md, "The model card's load_video") describe; the reference our
+`preprocessing` package must match.
 Only change: `video_path` may also be a file object (decord reads it into memory the same way).
 """
 

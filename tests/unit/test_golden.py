@@ -19,7 +19,8 @@ from videochat.runtime.generation import first_step_logits, generate
 from videochat.runtime.types import FinishReason
 
 TOP5 = len(GOLDEN["cases"][0]["turns"][0]["first_step_top5"]["ids"])
-# fixture README: observed <= 3e-5 across implementations on logits of magnitude 25-40 (rel ~1e-6)
+# tests/data/tiny-videochat/README.md: observed <= 3e-5 across implementations on logits of magnitude 25-40
+# (rel ~1e-6)
 LOGITS_REL = 3e-5
 
 

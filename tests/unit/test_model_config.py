@@ -1,6 +1,7 @@
 """Config: the fixture's config.json is read with its tiny dims; the defaults are the real model — proved by
 building the full-size model on the meta device and comparing every official key, shape and stored dtype with
-the spec's state_dict_full.tsv (by hash); inconsistent configs fail naming both numbers."""
+the official key table (by hash; docs/model.md, "Checkpoint loading"); inconsistent configs fail naming both
+numbers."""
 from __future__ import annotations
 
 import hashlib

@@ -1,7 +1,7 @@
 """Golden parity of the vision path on the tiny fixture (float32, CPU): per case, turn 0's intermediates
 (ViT output before vision_layernorm, QFormer last hidden state incl. the instruction tokens of A3, project_up
 output) and the merged `inputs_embeds`; plus batched `encode_media` == one request at a time (mixed images,
-videos and instructions of different lengths, quirk Q15)."""
+videos and instructions of different lengths, docs/model.md quirk Q15)."""
 from __future__ import annotations
 
 import json

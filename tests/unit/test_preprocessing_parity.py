@@ -1,6 +1,7 @@
-"""`preprocess` against the model card's `load_video` (tests/reference_load_video.py, decord) side by
+"""`preprocess` against the model card's `load_video` (tests/support/reference_load_video.py, decord) side by
 side, both padding modes, several sizes and aspect ratios; and against the golden fixture's
-preprocessing statistics (README tolerances: values_at atol 1e-4, sums rtol 1e-5, fp16 .npy 2e-3)."""
+preprocessing statistics (tolerances of tests/data/tiny-videochat/README.md: values_at atol 1e-4, sums rtol 1e-5,
+fp16 .npy 2e-3)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_card_message_format() -> None:
 
 
 @pytest.mark.parametrize(("hw", "resize", "canvas", "grid"), [
-    ((480, 640), (336, 448), (448, 448), (2, 2)),   # spec §7 examples, hd_num=6
+    ((480, 640), (336, 448), (448, 448), (2, 2)),   # docs/preprocessing.md load_video examples, hd_num=6
     ((640, 360), (378, 672), (448, 672), (2, 3)),   # portrait: squashed into landscape
     ((160, 512), (210, 672), (224, 672), (1, 3)),
     ((1080, 1920), (378, 672), (448, 672), (2, 3)),
@@ -85,7 +85,7 @@ def test_padding_transform_bit_identical_to_card(hw) -> None:
 
 
 def test_bicubic_is_unclamped() -> None:
-    """Q9: float bicubic overshoots past 0..255 at hard edges and that must survive."""
+    """Quirk Q9 (docs/model.md): float bicubic overshoots past 0..255 at hard edges and that must survive."""
     frame = np.zeros((64, 64, 3), np.uint8)
     frame[:, 32:] = 255
     out = resize_frame(frame, size=(224, 448))

@@ -1,4 +1,4 @@
-"""The one strict checkpoint loader (spec §9).
+"""The one strict checkpoint loader (docs/model.md, "Checkpoint loading").
 
 * Files: `model.safetensors`, or shards listed in `model.safetensors.index.json`.
 * Names: the explicit `KEY_TABLE` maps official key prefixes to module prefixes; `DROPPED` lists the keys
@@ -270,8 +270,9 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def official_stored_dtype(key: str) -> torch.dtype:
-    """Stored dtype of an official key (spec §9): LLM base weights bf16, LoRA A/B and everything else float32,
-    the QFormer `position_ids` int64. Used by the memory benchmark to write a full-size synthetic checkpoint."""
+    """Stored dtype of an official key (docs/model.md, "Checkpoint loading"): LLM base weights bf16, LoRA A/B
+    and everything else float32, the QFormer `position_ids` int64. Used by the memory benchmark to write a
+    full-size synthetic checkpoint."""
     if key.endswith("position_ids"):
         return torch.int64
     if key.startswith("lm.") and ".lora_" not in key:

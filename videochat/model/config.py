@@ -1,9 +1,9 @@
 """Model configuration: frozen dataclasses whose defaults are the real InternVideo2-Chat-8B-HD.
 
-`VideoChatConfig.from_json(path)` reads the official `config.json` (schema of spec §3). The official file
-leaves most dimensions implicit; the optional *extension fields* (the tiny fixture and the demo checkpoint
-set them) override any dimension, and every missing field takes the real model's value, so the real
-checkpoint's `config.json` works unchanged. No network, no transformers import at module import.
+`VideoChatConfig.from_json(path)` reads the official `config.json` (docs/model.md, "Reference architecture").
+The official file leaves most dimensions implicit; the optional *extension fields* (the tiny fixture and the
+demo checkpoint set them) override any dimension, and every missing field takes the real model's value, so the
+real checkpoint's `config.json` works unchanged. No network, no transformers import at module import.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _check(cond: bool, what: str, got: Any, expected: Any) -> None:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """InternVideo2-1B ViT ("clean" variant, spec §2.1). Blocks built = depth + x_vis_return_idx + 1."""
+    """InternVideo2-1B ViT ("clean" variant; docs/model.md, "Reference architecture").
+    Blocks built = depth + x_vis_return_idx + 1."""
     img_size: int = 224
     patch_size: int = 14
     in_chans: int = 3
@@ -75,7 +76,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class QFormerConfig:
-    """BLIP-2 style BERT QFormer (bert-base-uncased + cross-attention, spec §2.3)."""
+    """BLIP-2 style BERT QFormer (bert-base-uncased + cross-attention; docs/model.md, "Reference architecture")."""
     vocab_size: int = 30522          # BERT vocab before "[DEC]"
     word_embeddings_rows: int = 30523  # vocab_size + 1 ("[DEC]" added as bos_token)
     hidden_size: int = 768
@@ -112,7 +113,8 @@ class QFormerConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Mistral-7B-Instruct-v0.3 (public config values) + the LoRA the checkpoint stores (spec §2.5)."""
+    """Mistral-7B-Instruct-v0.3 (public config values) + the LoRA the checkpoint stores (docs/model.md,
+    "Reference architecture")."""
     vocab_size: int = 32768
     hidden_size: int = 4096
     intermediate_size: int = 14336

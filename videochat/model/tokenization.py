@@ -2,7 +2,7 @@
 
 * LLM: the **slow** sentencepiece `LlamaTokenizer` (Mistral-v0.3 files) at `llm.tokenizer_path` (default: the
   checkpoint dir itself). The fast tokenizer drops the `▁` before a leading `[INST]` and does not reproduce
-  the official ids (spec §5).
+  the official ids (docs/model.md, "Chat format").
 * QFormer: `BertTokenizer` (bert-base-uncased vocab) at `bridge.qformer_tokenizer_path` (default
   `<checkpoint>/qformer_tokenizer`) with `[DEC]` added as bos_token and left truncation. Only needed for
   requests with an `instruction`; the official HF repo does not ship it (the user places bert-base-uncased's

@@ -1,4 +1,5 @@
-"""`VideoChatModel`: ViT -> vision_layernorm -> QFormer -> project_up, and the Mistral LLM (spec §1, §4).
+"""`VideoChatModel`: ViT -> vision_layernorm -> QFormer -> project_up, and the Mistral LLM (docs/model.md,
+"Reference architecture").
 
 Built on the meta device and filled by the strict loader (`checkpoint.py`); fp32 on CPU, bf16 on CUDA.
 Generation (prompt, KV cache, decoding) lives one layer up, in `videochat.runtime`.

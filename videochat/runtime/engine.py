@@ -11,7 +11,7 @@ pending next-token logits per row — and three operations:
 
 A row's tokens do not depend on when it joined or on its batch-mates: its positions continue from its own
 count (`cumsum(mask) - 1` at prefill, +1 per step) and the padding columns are masked out, so the only
-difference to running alone is floating-point reduction order (see the README, "The generation engine").
+difference to running alone is floating-point reduction order (docs/model.md, "The generation engine").
 
 The engine is not thread-safe: drive it from one thread. After an exception other than `add`'s ValueError
 (e.g. out of memory in a forward) the batch state is undefined; build a new engine.

@@ -1,6 +1,6 @@
 """Request tensors -> validated plain values (the one place that knows the public request fields).
 
-Flow through the ensemble (see docs/interfaces.md for the public table):
+Flow through the ensemble (see docs/serving.md for the public table):
 
     client inputs (lower case, most optional)
       -> preprocessing: `parse_media_options` + `normalize_chat_fields` (defaults filled, values checked)
