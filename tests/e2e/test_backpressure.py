@@ -17,54 +17,29 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import socket
 import statistics
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from support.paths import TINY
+from support.server import TritonHandle, free_port, running_server
 from videochat_client import (DeadlineExceeded, GenerationOptions, InvalidArgument, MediaOptions, RetryPolicy,
                               Unavailable, VideoChatClient)
 from videochat_client.errors import to_error
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "data" / "tiny-videochat"
 IMAGE = (TINY / "videos" / "example1.mp4").read_bytes()      # as an image: 3 clips, cheap to preprocess
 LONG = 3000        # tokens: far longer than any deadline here (the tiny model greedy-decodes without an EOS)
 SERVE_FLAGS = ["--device", "cpu", "--max-active", "1", "--max-queue", "2", "--request-timeout-s", "8",
-               "--max-new-tokens-limit", "4096", "--preprocess-instances", "1", "--exit-timeout-secs", "10"]
+               "--max-new-tokens-limit", "4096", "--preprocess-instances", "1"]
 LLM = {"model": "videochat_llm"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, triton, endpoints):
-        self.triton, self.endpoints = triton, endpoints
-        self.url = endpoints.grpc_url
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus metric over the series matching `labels`."""
-        ep = self.endpoints
-        with urllib.request.urlopen(f"http://{ep.host}:{ep.metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        total = 0.0
-        for m in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
-            series = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-            if all(series.get(k) == v for k, v in labels.items()):
-                total += float(m.group(2))
-        return total
-
-    def client(self, **kw) -> VideoChatClient:
+class Server(TritonHandle):
+    def lib(self, **kw) -> VideoChatClient:                # the library client, no retries unless asked
         if "retry_policy" not in kw:
             kw.setdefault("max_retries", 0)
         return VideoChatClient(self.url, **kw)
@@ -73,23 +48,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from videochat.launch import launcher
-    from videochat.launch.render import render_repository
-    from videochat.launch.tritonserver import Endpoints, TritonServer, find_triton
 
-    work = tmp_path_factory.mktemp("backpressure")
-    args = launcher.build_parser().parse_args(SERVE_FLAGS)
-    opts = dataclasses.replace(launcher.options_from_args(args, TINY), extra_unary_variant=True)
-    repo = render_repository(opts, work / "model_repository")
-    endpoints = Endpoints("127.0.0.1", free_port(), free_port(), free_port())
-    triton = TritonServer(find_triton(work), repo, endpoints, log_path=work / "tritonserver.log", exit_timeout_s=10)
-    triton.start()
-    try:
-        triton.wait_ready(timeout_s=300)
-        s = Server(triton, endpoints)
-        ask(s.client(timeout=120), 4)            # warm up (first call pays lazy initialisation)
+    opts = launcher.options_from_args(launcher.build_parser().parse_args(SERVE_FLAGS), TINY)   # the flags' path
+    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in ("checkpoint", "device")}
+    with running_server(tmp_path_factory.mktemp("backpressure"), **{**overrides, "extra_unary_variant": True}) as h:
+        s = Server(h.server, h.url, h.metrics_url)
+        ask(s.lib(timeout=120), 4)            # warm up (the first call pays lazy initialisation)
         yield s
-    finally:
-        triton.stop()
 
 
 def ask(client: VideoChatClient, max_new_tokens: int, **kw):
@@ -118,7 +83,7 @@ def wait_for(check, timeout_s: float = 10.0, what: str = ""):
 def occupy_slot(server: Server, timeout_s: float) -> threading.Thread:
     """A long request in the one slot, ended by its own deadline after `timeout_s`."""
     out = []
-    t = threading.Thread(target=lambda: out.append(timed(lambda: ask(server.client(timeout=timeout_s), LONG))))
+    t = threading.Thread(target=lambda: out.append(timed(lambda: ask(server.lib(timeout=timeout_s), LONG))))
     t.out = out
     t.start()
     wait_for(lambda: server.metric("videochat_active_sequences", **LLM) >= 1, what="the slot to be taken")
@@ -130,10 +95,10 @@ def test_flood_gets_unavailable_at_once_and_a_retry_succeeds_once_load_drops(ser
     assert server.metric("videochat_queue_limit", **LLM) == 2
     blocker = occupy_slot(server, timeout_s=4.0)
     with ThreadPoolExecutor(11) as pool:
-        futures = [pool.submit(timed, lambda: ask(server.client(timeout=60), 20)) for _ in range(10)]
+        futures = [pool.submit(timed, lambda: ask(server.lib(timeout=60), 20)) for _ in range(10)]
         wait_for(lambda: sum(f.done() for f in futures) >= 8, what="the overflow to be refused")
         # the queue is still full (2 waiting behind the blocker): this client is refused, backs off, retries
-        retrier = server.client(timeout=60, retry_policy=RetryPolicy(max_retries=8, initial_backoff=0.5,
+        retrier = server.lib(timeout=60, retry_policy=RetryPolicy(max_retries=8, initial_backoff=0.5,
                                                                      max_backoff=2.0))
         sleeps = []
         retrier._sleep = lambda s: (sleeps.append(s), time.sleep(s))
@@ -172,7 +137,7 @@ def test_a_retry_fails_over_to_the_next_url_without_sleeping(server):
 
 def test_client_deadline_stops_the_running_generation_and_frees_the_slot(server):
     running0 = server.metric("videochat_requests_deadline_exceeded_total", stage="running", **LLM)
-    err, elapsed = timed(lambda: ask(server.client(timeout=1.5), LONG))
+    err, elapsed = timed(lambda: ask(server.lib(timeout=1.5), LONG))
     assert isinstance(err, DeadlineExceeded), err
     wait_for(lambda: server.metric("videochat_requests_deadline_exceeded_total", stage="running", **LLM)
              == running0 + 1, what="the running-deadline counter")
@@ -180,7 +145,7 @@ def test_client_deadline_stops_the_running_generation_and_frees_the_slot(server)
     steps = server.metric("videochat_decode_steps_total", **LLM)
     time.sleep(1.0)
     assert server.metric("videochat_decode_steps_total", **LLM) == steps     # nothing generates any more
-    answer, _ = timed(lambda: ask(server.client(timeout=60), 5))
+    answer, _ = timed(lambda: ask(server.lib(timeout=60), 5))
     ttft = answer.timings.time_to_first_token_ms
     print(f"deadline 1.5 s: the client gave up after {elapsed:.2f} s; the next request's first token after "
           f"{ttft:.0f} ms")
@@ -190,7 +155,7 @@ def test_client_deadline_stops_the_running_generation_and_frees_the_slot(server)
 def test_queued_request_past_its_deadline_is_never_started(server):
     queued0 = server.metric("videochat_requests_deadline_exceeded_total", stage="queued", **LLM)
     blocker = occupy_slot(server, timeout_s=3.0)
-    err, _ = timed(lambda: ask(server.client(timeout=1.0), 20))
+    err, _ = timed(lambda: ask(server.lib(timeout=1.0), 20))
     assert isinstance(err, DeadlineExceeded), err
     wait_for(lambda: server.metric("videochat_requests_deadline_exceeded_total", stage="queued", **LLM)
              == queued0 + 1, what="the queued-deadline counter")
@@ -200,7 +165,7 @@ def test_queued_request_past_its_deadline_is_never_started(server):
 
 def test_server_request_timeout_ends_a_request_without_client_budget(server):
     chunks = []
-    with server.client(timeout=None) as client:          # no deadline: no timeout_ms is sent either
+    with server.lib(timeout=None) as client:          # no deadline: no timeout_ms is sent either
         t0 = time.perf_counter()
         with pytest.raises(DeadlineExceeded) as ei:
             for chunk in client.generate(video=IMAGE, prompt="Tell a long story.", media=MediaOptions(image=True),
@@ -215,12 +180,11 @@ def test_server_request_timeout_ends_a_request_without_client_budget(server):
 
 
 def _unary(server: Server, parameters: dict, max_new_tokens: int):
-    import tritonclient.grpc as grpcclient
     from videochat_client.protocol import build_inputs
 
     inputs = build_inputs(video=IMAGE, prompt="Tell a long story.", media=MediaOptions(image=True),
                           gen=GenerationOptions(max_new_tokens=max_new_tokens))
-    client = grpcclient.InferenceServerClient(server.url)
+    client = server.client()                    # raw tritonclient: request parameters of our choosing
     try:
         return client.infer("videochat_unary", inputs, parameters=parameters, client_timeout=60)
     finally:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from support.paths import TINY
 from videochat.serving.requests import RequestError, parse_timeout_ms
 from videochat.serving.scheduler import DEADLINE, UNAVAILABLE, Job, Scheduler, deadline_for
 
@@ -237,15 +238,14 @@ def test_limits_flow_from_the_flags_to_the_settings(tmp_path):
     from videochat.launch.render import RepoOptions, render_repository
     from videochat.serving.settings import DEFAULT_QUEUE_PER_ACTIVE, LLMSettings, SettingsError
 
-    tiny = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "tiny-videochat"
     args = build_parser().parse_args(["--device", "cpu", "--max-active", "3", "--max-queue", "5",
                                       "--request-timeout-s", "2.5"])
-    opts = options_from_args(args, tiny)
+    opts = options_from_args(args, TINY)
     assert (opts.active_limit, opts.queue_limit, opts.request_timeout_s) == (3, 5, 2.5)
-    assert RepoOptions(checkpoint=tiny, max_batch_size=2).queue_limit == DEFAULT_QUEUE_PER_ACTIVE * 2
+    assert RepoOptions(checkpoint=TINY, max_batch_size=2).queue_limit == DEFAULT_QUEUE_PER_ACTIVE * 2
 
     def settings(**params):
-        config = {"max_batch_size": 2, "parameters": {"checkpoint_path": {"string_value": str(tiny)},
+        config = {"max_batch_size": 2, "parameters": {"checkpoint_path": {"string_value": str(TINY)},
                   **{k: {"string_value": v} for k, v in params.items()}}}
         return LLMSettings.from_args({"model_config": json.dumps(config)})
 
