@@ -94,10 +94,16 @@ def flood(url: str, metrics_url: str, args) -> dict:
             "other_error_count": len(other), "queued_gauge": percentiles(queue_samples), "elapsed_s": elapsed}
 
 
+def _shown(path: Path) -> str:
+    """Relative to the repository when inside it (the JSON then names no checkout); run from its root."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else str(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     common = ["--device", "cpu", "--max-active", str(args.max_active), "--max-batch-size", str(args.max_active),
-              "--preprocess-instances", "1", "--checkpoint", str(args.checkpoint)]
+              "--preprocess-instances", "1", "--checkpoint", _shown(args.checkpoint)]
     runs = {}
     for name, queue in (("bounded", args.max_queue), ("unbounded", UNBOUNDED)):
         serve_args = [*common, "--max-queue", str(queue)]

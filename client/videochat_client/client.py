@@ -84,14 +84,15 @@ def timeout_parameters(timeout: Optional[float]) -> Optional[Dict[str, int]]:
     return None if timeout is None else {TIMEOUT_MS_PARAMETER: max(1, int(timeout * 1000))}
 
 
-def make_config(url: Union[str, Sequence[str]], *, timeout, max_retries, retry_policy, ssl, root_certificates, private_key,
-                certificate_chain, headers, model_name) -> ClientConfig:
+def make_config(url: Union[str, Sequence[str]], *, timeout, max_retries, retry_policy, ssl, root_certificates,
+                private_key, certificate_chain, headers, model_name) -> ClientConfig:
     if retry_policy is not None and max_retries is not None:
         raise ValueError("give max_retries or retry_policy, not both")
     policy = retry_policy or RetryPolicy(max_retries=2 if max_retries is None else max_retries)
     urls = parse_urls(url)
-    return ClientConfig(url=urls[0], urls=urls, timeout=timeout, retry=policy, ssl=ssl, root_certificates=root_certificates,
-                        private_key=private_key, certificate_chain=certificate_chain,
+    return ClientConfig(url=urls[0], urls=urls, timeout=timeout, retry=policy, ssl=ssl,
+                        root_certificates=root_certificates, private_key=private_key,
+                        certificate_chain=certificate_chain,
                         headers=tuple((headers or {}).items()), model_name=model_name)
 
 

@@ -50,7 +50,8 @@ def server(tmp_path_factory):
     from videochat.launch import launcher
 
     opts = launcher.options_from_args(launcher.build_parser().parse_args(SERVE_FLAGS), TINY)   # the flags' path
-    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in ("checkpoint", "device")}
+    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+                 if f.name not in ("checkpoint", "device")}
     with running_server(tmp_path_factory.mktemp("backpressure"), **{**overrides, "extra_unary_variant": True}) as h:
         s = Server(h.server, h.url, h.metrics_url)
         ask(s.lib(timeout=120), 4)            # warm up (the first call pays lazy initialisation)

@@ -100,7 +100,7 @@ class Job:
     sink: Sink
     is_cancelled: Callable[[], bool] = lambda: False
     coalescer: StreamCoalescer | None = None
-    timeout_ms: int | None = None           # the client's budget (request parameter), from submit on
+    timeout_ms: int | None = None           # the client's budget (request parameter), counted from submit
     handle: int | None = None
     done: bool = False
     submitted_at: float = 0.0
