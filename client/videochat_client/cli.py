@@ -98,7 +98,9 @@ def _non_negative_int(text: str) -> int:
 # -- argument groups ------------------------------------------------------------------------------------
 def _connection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC HOST:PORT (default $VIDEOCHAT_URL or %(default)s)")
+    g.add_argument("--url", default=DEFAULT_URL,
+                   help="Triton gRPC HOST:PORT, or several comma-separated: retries fail over to the next "
+                        "(default $VIDEOCHAT_URL or %(default)s)")
     g.add_argument("--timeout", type=_positive_float, default=600.0,
                    help="per-request deadline, seconds (default %(default)s)")
     g.add_argument("--retries", type=_non_negative_int, default=2,

@@ -226,7 +226,7 @@ def test_thread_serves_and_stop_fails_leftovers():
     s2.stop(timeout_s=5)
     for j in stuck:
         assert len(j.sink.finals) == 1
-    assert stuck[1].sink.responses == [("error", "server is shutting down", UNAVAILABLE)]
+    assert stuck[1].sink.responses == [("error", "unavailable: server is shutting down", UNAVAILABLE)]
     late = jobs({"n": 1})[0]
     s2.submit([late])
     assert late.sink.responses[0][2] == UNAVAILABLE

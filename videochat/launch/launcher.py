@@ -3,7 +3,7 @@
     python -m videochat serve [--checkpoint DIR] [--device auto|cpu|cuda] [--host 127.0.0.1]
         [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
         [--decoupled-mode true|false] [--batching inflight|static] [--stream-interval-ms 20]
-        [--media-cache-mb 512] [--visual-cache-mb 256] [--work-dir DIR]
+        [--media-cache-mb 512] [--visual-cache-mb 256] [--max-queue N] [--request-timeout-s S] [--work-dir DIR]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
 interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; start the
@@ -33,7 +33,7 @@ from videochat.errors import EXIT_FAILURE, UserError, report
 from videochat.launch.render import ENSEMBLE, RepoOptions, render_repository
 from videochat.launch.tritonserver import Endpoints, LaunchError, TritonServer, find_triton
 from videochat.model.preflight import check_checkpoint_files
-from videochat.serving.settings import BATCHING_MODES, DTYPES
+from videochat.serving.settings import BATCHING_MODES, DEFAULT_QUEUE_PER_ACTIVE, DTYPES
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
 
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "static = they join only an idle batch, which runs to its longest answer (a baseline)")
     p.add_argument("--max-active", type=int, default=_default("max_active"),
                    help="in-flight batching: most sequences in the running batch (default: --max-batch-size)")
+    p.add_argument("--max-queue", type=int, default=_default("max_queue"),
+                   help="per videochat_llm instance: requests that may wait beyond the free slots; one more is "
+                        f"refused at once with UNAVAILABLE (default 0 = {DEFAULT_QUEUE_PER_ACTIVE} x --max-active)")
+    p.add_argument("--request-timeout-s", type=float, default=_default("request_timeout_s"),
+                   help="server-side deadline of a request, counted from its arrival at videochat_llm: a queued "
+                        "one is never started, a running one is stopped, both with DEADLINE_EXCEEDED "
+                        "(0 = none; clients also send their own budget, see docs/operations.md)")
     p.add_argument("--stream-interval-ms", type=int, default=_default("stream_interval_ms"),
                    help="in-flight streaming: first token at once, then merge tokens for at least this long "
                         "per response (0 = one response per token)")
@@ -155,7 +162,8 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        decoupled=args.decoupled_mode == "true", dtype=args.dtype,
                        max_new_tokens_limit=args.max_new_tokens_limit, max_video_bytes=args.max_video_bytes,
                        batching=args.batching,
-                       max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
+                       max_active=args.max_active, max_queue=args.max_queue,
+                       request_timeout_s=args.request_timeout_s, stream_interval_ms=args.stream_interval_ms,
                        media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb,
                        decode_threads=args.decode_threads)
 
