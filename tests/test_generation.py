@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from videochat.chat_format import build_prompt
 from videochat.generation import (DECODE_KWARGS, ChatRequest, FinishReason, GenerationParams,
                                   IncrementalDetokenizer, filter_top_k_top_p, generate, generate_stream,
                                   validate_media)
+from videochat.tokenization import SentencePieceLlamaTokenizer
 
 FIXTURE = Path(__file__).parent / "data" / "tiny-videochat"
 RAW_CONFIG = json.loads((FIXTURE / "config.json").read_text())["model_config"]
@@ -38,7 +39,7 @@ class FakeModel:
         self.llm = MistralForCausalLM(llm_config).eval()
         with torch.no_grad():
             self.llm.lm_head.weight.mul_(LM_HEAD_GAIN)
-        self.tokenizer = LlamaTokenizer.from_pretrained(str(FIXTURE / "llm_tokenizer"), legacy=False)
+        self.tokenizer = SentencePieceLlamaTokenizer.from_dir(str(FIXTURE / "llm_tokenizer"))
         self.device, self.dtype = torch.device("cpu"), torch.float32
         hidden = llm_config.hidden_size
         self._proj = torch.randn(3, TOKENS_PER_CLIP * hidden, generator=torch.Generator().manual_seed(1))
