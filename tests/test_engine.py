@@ -300,5 +300,5 @@ def test_own_padding_mask_equals_transformers_mask(attn):
         ref = [fake.llm(inputs_embeds=e, attention_mask=m, position_ids=p, past_key_values=ref_cache,
                         use_cache=True).logits[:, -1].float()
                for e, m, p in ((embeds, mask, positions), (step, mask2, positions[:, -1:] + 1))]
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(ours, ref):   # float32 reduction-order noise, relative to the logits' magnitude
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * float(b.abs().max()))
