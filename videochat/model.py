@@ -29,8 +29,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class VideoChatModel(nn.Module):
-    """Attributes: `config`, `llm` (transformers MistralForCausalLM, LoRA merged), `tokenizer` (slow Llama),
-    `qformer_tokenizer` (lazy), `device`, `dtype`."""
+    """Attributes: `config`, `llm` (`videochat.llm.MistralForCausalLM`, LoRA merged), `tokenizer` (the slow
+    Llama tokenizer's ids, `videochat.tokenization`), `qformer_tokenizer` (lazy), `device`, `dtype`."""
 
     def __init__(self, config: VideoChatConfig):
         super().__init__()
