@@ -119,18 +119,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass(frozen=True)
 class AttentionMask:
-    """What SDPA gets: a boolean mask [B, 1, L, S] (True = attend), or none with/without causality."""
+    """What SDPA gets: an additive mask [B, 1, L, S] (0 = attend, dtype's min = masked), or none with/without
+    causality."""
 
     mask: torch.Tensor | None = None
     is_causal: bool = False
 
 
-def attention_mask(padding_mask: torch.Tensor, query_len: int) -> AttentionMask:
+def attention_mask(padding_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> AttentionMask:
     """[B, S] 0/1 (0 = padding column) -> the mask of the last `query_len` positions, causal.
 
     Unpadded batches take SDPA's fast paths (no mask for one query; `is_causal` for a prefill without past).
-    A query row with no key at all (a left-padding position during prefill) attends to every key so it stays
-    finite: no real position reads a padded one, so real positions are unchanged."""
+    Built once per forward as an additive mask in the activations' dtype (SDPA would convert a boolean one in
+    every layer). A query row with no key at all (a left-padding position during prefill) attends to every key
+    so it stays finite: no real position reads a padded one, so real positions are unchanged."""
     length = padding_mask.shape[1]
     if bool(padding_mask.all()):
         if query_len == 1:
@@ -140,7 +142,9 @@ def attention_mask(padding_mask: torch.Tensor, query_len: int) -> AttentionMask:
     keys = torch.arange(length, device=padding_mask.device)
     queries = torch.arange(length - query_len, length, device=padding_mask.device)
     allowed = (keys[None, :] <= queries[:, None])[None, None] & padding_mask.bool()[:, None, None, :]
-    return AttentionMask(mask=allowed | ~allowed.any(dim=-1, keepdim=True))
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=padding_mask.device)
+    return AttentionMask(mask=additive.masked_fill_(~allowed, torch.finfo(dtype).min))
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -250,7 +254,7 @@ class MistralForCausalLM(nn.Module):
         _reserve(cache, len(self.model.layers), (batch, attention.num_kv_heads, attention.head_dim),
                  cache.length + length, inputs_embeds)
         rotary = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask = attention_mask(padding_mask, length)
+        mask = attention_mask(padding_mask, length, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.model.layers:
             x = layer(x, rotary, mask, cache)
