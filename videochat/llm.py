@@ -4,7 +4,7 @@ Why not transformers' `MistralForCausalLM`: the engine needs the KV cache as ten
 select rows of and trim, its own padded 4D mask, and a rotary module it can rebuild after meta-device loading —
 all transformers internals that changed between 4.57 and 5.x (and keep moving: cache layers, the
 `past_key_values` -> `cache` rename, the rotary constructor). Written here they are ours: one forward, one cache
-layout, and a decode step that is faster than transformers' on every size measured (README, "The native model").
+layout, and a decode step faster than transformers' (README, "The language model").
 
 Module names are transformers' (`model.layers.N.self_attn.q_proj`, `model.norm`, `lm_head`, ...), so the
 checkpoint's `lm.base_model.model.*` keys load strictly into it unchanged, and the tests can load the same
@@ -15,7 +15,6 @@ The engine uses only the functions at the bottom: `build_llm`, `init_non_persist
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
