@@ -22,8 +22,8 @@ TURNS = [(case, index) for case in GOLDEN["cases"] for index in range(len(case["
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import LlamaTokenizer
-    return LlamaTokenizer.from_pretrained(str(FIXTURE / "llm_tokenizer"), legacy=False)
+    from videochat.model.tokenization import SentencePieceLlamaTokenizer
+    return SentencePieceLlamaTokenizer.from_dir(str(FIXTURE / "llm_tokenizer"))
 
 
 def _history_before(case: dict, turn_index: int) -> tuple[tuple[str, str], ...]:

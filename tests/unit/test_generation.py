@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from support.paths import TINY
+from videochat.model.config import VideoChatConfig
+from videochat.model.llm import build_llm
+from videochat.model.tokenization import SentencePieceLlamaTokenizer
 from videochat.runtime.chat_format import build_prompt
 from videochat.runtime.detokenize import DECODE_KWARGS, IncrementalDetokenizer
 from videochat.runtime.generation import generate, generate_stream
@@ -30,19 +32,20 @@ FRAME = 8            # tiny frames: the fake vision only pools them
 
 
 class FakeModel:
-    """The attributes `generation` uses: config, llm, tokenizer, device, dtype, encode_media."""
+    """The attributes `generation` uses: config, llm, tokenizer, device, dtype, encode_media. `reference` is
+    transformers' MistralForCausalLM with the same (seeded) weights, for comparisons with HF `generate`."""
 
-    def __init__(self, attn_implementation: str = "sdpa"):
+    def __init__(self):
         torch.manual_seed(0)
         self.config = SimpleNamespace(num_visual_tokens_per_clip=TOKENS_PER_CLIP)
-        llm_config = MistralConfig(**RAW_CONFIG["llm"]["config"])
-        llm_config._attn_implementation = attn_implementation
-        self.llm = MistralForCausalLM(llm_config).eval()
+        self.reference = MistralForCausalLM(MistralConfig(**RAW_CONFIG["llm"]["config"])).eval()
         with torch.no_grad():
-            self.llm.lm_head.weight.mul_(LM_HEAD_GAIN)
-        self.tokenizer = LlamaTokenizer.from_pretrained(str(FIXTURE / "llm_tokenizer"), legacy=False)
+            self.reference.lm_head.weight.mul_(LM_HEAD_GAIN)
+        self.llm = build_llm(VideoChatConfig.from_dict(RAW_CONFIG).llm).eval()
+        self.llm.load_state_dict(self.reference.state_dict())   # same module names: strict
+        self.tokenizer = SentencePieceLlamaTokenizer.from_dir(str(FIXTURE / "llm_tokenizer"))
         self.device, self.dtype = torch.device("cpu"), torch.float32
-        hidden = llm_config.hidden_size
+        hidden = self.llm.config.hidden_size
         self._proj = torch.randn(3, TOKENS_PER_CLIP * hidden, generator=torch.Generator().manual_seed(1))
         self.encode_calls = 0
 
@@ -94,12 +97,6 @@ def test_batched_greedy_equals_one_by_one(model):
     assert len({tuple(r.token_ids) for r in batched}) == len(batched)  # the requests really differ
 
 
-def test_batched_equals_one_by_one_in_eager_attention():
-    eager = FakeModel(attn_implementation="eager")
-    requests = [request(**spec) for spec in MIXED]
-    assert [r.token_ids for r in generate(eager, requests)] == [generate(eager, [r])[0].token_ids for r in requests]
-
-
 @pytest.mark.parametrize("penalty", [1.0, 0.2])  # < 1 rewards repeats: visible here
 def test_matches_hf_generate(model, penalty):
     """One request through our engine == HF `generate(inputs_embeds=...)`, the reference's call (with
@@ -107,10 +104,10 @@ def test_matches_hf_generate(model, penalty):
     req = request(**{**MIXED[0], "max_new_tokens": 16}, repetition_penalty=penalty)
     prompt = build_prompt(model.tokenizer, media_type=req.media_type, num_clips=req.num_clips,
                           tokens_per_clip=TOKENS_PER_CLIP, prompt=req.prompt, history=req.history)
-    embeds = model.llm.get_input_embeddings()(prompt.input_ids).detach().clone()
+    embeds = model.reference.get_input_embeddings()(prompt.input_ids).detach().clone()
     embeds[prompt.placeholder_mask] = model.encode_media([req.media], ["video"], [None])[0]
     with torch.no_grad():
-        ref = model.llm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, prompt.length,
+        ref = model.reference.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, prompt.length,
                                  dtype=torch.long), max_new_tokens=req.params.max_new_tokens, do_sample=False,
                                  min_new_tokens=1, eos_token_id=model.tokenizer.eos_token_id, pad_token_id=0,
                                  repetition_penalty=penalty)
@@ -157,15 +154,12 @@ class _EosFirst(torch.nn.Module):
 
     def __init__(self, llm, eos_id):
         super().__init__()
-        self.inner, self.config, self.eos_id = llm, llm.config, eos_id
+        self.inner, self.model, self.config, self.eos_id = llm, llm.model, llm.config, eos_id
 
-    def get_input_embeddings(self):
-        return self.inner.get_input_embeddings()
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        out.logits[..., self.eos_id] = out.logits.max() + 1
-        return out
+    def forward(self, *args):
+        logits = self.inner(*args)
+        logits[..., self.eos_id] = logits.max() + 1
+        return logits
 
 
 def test_eos_masked_at_first_step_then_stops(model):

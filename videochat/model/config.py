@@ -142,7 +142,8 @@ class LLMConfig:
         return self.lora_alpha / self.lora_r
 
     def mistral_config(self, attn_implementation: str = "sdpa"):
-        """The transformers `MistralConfig` (imported lazily: the package import stays torch-free)."""
+        """The same model as a transformers `MistralConfig`: the tests' reference (`MistralForCausalLM` with our
+        weights must give our logits). Imported lazily: the package import stays torch-free."""
         from transformers import MistralConfig
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("use_lora", "lora_r", "lora_alpha", "lora_target_modules", "tokenizer_path")}
