@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from support.numerics import assert_close_scaled
-from test_generation import FRAME, MIXED, FakeModel, media, request
+from support.fakes import FRAME, MIXED, FakeModel, media, request
 from videochat.runtime.engine import GenerationEngine
 from videochat.runtime.detokenize import DECODE_KWARGS
 from videochat.runtime.generation import generate
