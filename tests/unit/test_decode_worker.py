@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from videochat.serving.decode_worker import (DECODER_FAILED, FAULT_ENV, FAULT_MARKER, DecodeFailure, DecodePool,
-                                             WorkerUnavailable, armed_faults, out_of_memory, requested_fault)
+                                             WorkerUnavailable, armed_faults, out_of_memory, requested_fault,
+                                             zygote_env)
 from videochat.serving.preprocess import MediaCache, decode_media, media_key, preprocess_request
 from videochat.serving.requests import RequestError, getter_from_mapping
 from videochat.serving.settings import PreprocessSettings, SettingsError
@@ -205,6 +206,11 @@ def test_a_cache_hit_needs_no_decoder():
 
     second = preprocess_request(getter_from_mapping(tensors), PreprocessSettings(), cache, no_decoder)
     assert len(calls) == 1 and np.array_equal(first["PIXEL_VALUES"], second["PIXEL_VALUES"])
+
+
+def test_the_zygote_imports_the_code_the_stub_imports():
+    parts = zygote_env({"PYTHONPATH": "/elsewhere"})["PYTHONPATH"].split(os.pathsep)
+    assert parts[0] == str(ROOT) and parts[-1] == "/elsewhere"
 
 
 def test_fault_switch_needs_both_the_env_and_the_marker():

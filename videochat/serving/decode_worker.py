@@ -111,6 +111,19 @@ def worker_python() -> str:
                             f"sys.prefix={sys.prefix!r})")
 
 
+def zygote_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """`env` (default: ours) with the directories our packages were imported from first on PYTHONPATH, so the
+    zygote imports the same code as the stub even where the project is not pip-installed."""
+    import importlib.util
+
+    out = dict(os.environ if env is None else env)
+    specs = [importlib.util.find_spec(name) for name in ("videochat", "preprocessing", "videochat_client")]
+    roots = [str(Path(spec.origin).parent.parent) for spec in specs if spec and spec.origin]   # no import: torch
+    parts = [*dict.fromkeys(roots), *(p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    out["PYTHONPATH"] = os.pathsep.join(parts)
+    return out
+
+
 def _dumps(message: dict) -> bytes:
     # JSON, not pickle: a worker that decodes hostile bytes must not be able to make the stub run code
     return json.dumps(message).encode()
@@ -137,7 +150,7 @@ class _Zygote:
         try:
             self.proc = subprocess.Popen([python, "-m", "videochat.serving.decode_worker", str(theirs.fileno())],
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                         env=None if env is None else dict(env))
+                                         env=zygote_env(env))
         except OSError as exc:
             ours.close()
             raise WorkerUnavailable(f"cannot start the decode zygote: {exc}") from None
