@@ -1,7 +1,7 @@
 """Decode isolation without Triton: videochat/serving/decode_worker.py's pool of real worker processes, with
 the test-only fault switch (VIDEOCHAT_TEST_DECODE_FAULT) making a worker really segfault, hang or allocate
 without bound. Each fault fails its job alone, in bounded time, with its documented message; the worker is
-replaced; good jobs (also concurrent ones) get the same pixels as an in-process decode. ~1 min on 2 cores,
+replaced; good jobs (also concurrent ones) get the same pixels as an in-process decode. ~2 min on 2 cores,
 most of it the zygotes importing torch."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from videochat.serving.decode_worker import (DECODER_FAILED, FAULT_ENV, FAULT_MARKER, DecodeFailure, DecodePool,
-                                             WorkerUnavailable, armed_faults, out_of_memory, requested_fault,
-                                             zygote_env)
+                                             WorkerError, WorkerUnavailable, armed_faults, out_of_memory,
+                                             requested_fault, zygote_env)
 from videochat.serving.preprocess import MediaCache, decode_media, media_key, preprocess_request
 from videochat.serving.requests import RequestError, getter_from_mapping
 from videochat.serving.settings import PreprocessSettings, SettingsError
@@ -85,6 +85,15 @@ def test_bad_input_keeps_its_message_and_its_worker(pool):
     assert str(err.value).startswith("bad video: ")
     with pytest.raises(RequestError, match="^bad video: the input is an image"):
         pool.decode(IMAGE, MediaOptions(), "k", MAX_BYTES)
+    assert pool.pids() == pids and pool.stats.restarts == restarts
+
+
+def test_a_bug_in_the_worker_is_a_server_error_and_keeps_the_worker(pool):
+    """An exception that is neither bad input nor memory (here Limits(max_bytes=0) raising ValueError, as it
+    would in the stub) comes back as WorkerError (INTERNAL in the adapter); the worker is not replaced."""
+    pids, restarts = pool.pids(), pool.stats.restarts
+    with pytest.raises(WorkerError, match="^ValueError: Limits.max_bytes must be positive"):
+        pool.decode(VIDEO, MediaOptions(), "k", 0)
     assert pool.pids() == pids and pool.stats.restarts == restarts
 
 

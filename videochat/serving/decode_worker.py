@@ -16,8 +16,8 @@ replaced before the next job. Errors the decoder reports itself ("bad video: ...
 pass through unchanged and the worker keeps serving.
 
 Processes. Importing torch and PyAV takes seconds, so a pool starts one **zygote** process that imports them
-once and then only forks workers on request (a fork + a warm-up decode: ~0.1-0.3 s, so a replaced worker is
-back before the next request). The zygote never decodes, runs no threads, and reaps its children; the pool asks
+once and then only forks workers on request (a fork + a warm-up decode: ~0.1-0.2 s, so a replaced worker is
+usually back before the next request). The zygote never decodes, runs no threads, and reaps its children; the pool asks
 it how a worker died (signal or exit code). Each worker runs one job at a time over two pipes; a message is
 `<header bytes, payload bytes>` + a JSON header + the raw payload (the file one way, the fp16 pixels the
 other, read straight into the result array: one copy each side). Pipes, not shared memory: a killed worker
@@ -35,8 +35,8 @@ switch serves every other input normally. Never set it in production.
 from __future__ import annotations
 
 import faulthandler
-import os
 import json
+import os
 import queue
 import select
 import signal
@@ -131,7 +131,7 @@ def _dumps(message: dict) -> bytes:
 
 def exit_status(returncode: int | None) -> str:
     if returncode is None:
-        return "still running"
+        return "exit status unknown"
     if returncode < 0:
         try:
             return signal.Signals(-returncode).name
@@ -437,6 +437,10 @@ class DecodePool:
                 pixels, info, _ = worker.run({"opts": asdict(opts), "key": key, "max_bytes": max_bytes}, data,
                                              self.timeout_s)
             except _Fault as fault:
+                if fault.kind == "crash" and not worker.zygote.alive:
+                    # the worker went with its zygote (killed from outside): nothing says the input did it
+                    worker = self._retire(worker, "its zygote died during the job", replace=False)
+                    raise WorkerUnavailable("the decode zygote died during the job") from None
                 fault = worker.death(fault)
                 self._count(fault.kind)
                 message = self._message(fault)
