@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from support.paths import TINY
-from support.server import TritonHandle, free_port, running_server
+from support.server import TritonHandle, free_port, running_server, wait_for
 from videochat_client import (DeadlineExceeded, GenerationOptions, InvalidArgument, MediaOptions, RetryPolicy,
                               Unavailable, VideoChatClient)
 from videochat_client.errors import to_error
@@ -69,16 +69,6 @@ def timed(fn):
         return fn(), time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
         return exc, time.perf_counter() - t0
-
-
-def wait_for(check, timeout_s: float = 10.0, what: str = ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def occupy_slot(server: Server, timeout_s: float) -> threading.Thread:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from support.paths import TINY, VIDEOS
-from support.server import answer_of, llm_inputs, token_responses
+from support.server import answer_of, llm_inputs, token_responses, wait_for
 
 LLM = {"model": "videochat_llm"}
 LONG = dict(video=(TINY / "videos" / "example1.mp4").read_bytes(), image=True, prompt="Tell a long story.",
@@ -21,16 +20,6 @@ SHORT = [dict(video=(VIDEOS / name).read_bytes(), prompt=prompt, max_new_tokens=
                                  ("idx_solid_h264_320x240_300f.mp4", "What color is it?", 9),
                                  ("animated.gif", "What happens next?", 7),
                                  ("odd_size_vp9_333x197.webm", "Is anyone there?", 10)]]
-
-
-def wait_for(check, timeout_s: float = 10.0, what: str = ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_requests_join_the_running_batch_and_match_alone(triton):

@@ -68,3 +68,26 @@ MIXED = [
     dict(clips=7, seed=3, prompt="Where does this take place? Be precise.",
          history=(("q1", "a1"), ("A longer second question about the video", "and its answer")), max_new_tokens=6),
 ]
+
+
+class ListSink:
+    """A scheduler `Sink` that records every response (tests/unit/test_scheduler.py, test_backpressure.py)."""
+
+    def __init__(self):
+        self.responses = []   # ("ok", arrays, final) | ("error", message, code)
+
+    def send(self, arrays, *, final):
+        self.responses.append(("ok", arrays, final))
+
+    def fail(self, message, *, code):
+        self.responses.append(("error", message, code))
+
+    @property
+    def finals(self):
+        return [r for r in self.responses if r[0] == "error" or r[2]]
+
+    def text(self):
+        return "".join(r[1]["TEXT"][0, 0].decode() for r in self.responses if r[0] == "ok")
+
+    def ids(self):
+        return [i for r in self.responses if r[0] == "ok" for i in r[1]["TOKEN_IDS"][0].tolist()]

@@ -26,6 +26,17 @@ _MEDIA = {f.name for f in dataclass_fields(MediaOptions)}
 _GEN = {f.name for f in dataclass_fields(GenerationOptions)}
 
 
+def wait_for(check, timeout_s: float = 10.0, what: str = ""):
+    """Poll `check()` until it returns something truthy (returned), or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def answer_of(chunks: list[Chunk]) -> Answer:
     builder = AnswerBuilder()
     for chunk in chunks:

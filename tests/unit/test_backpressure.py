@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from support.fakes import ListSink
 from support.paths import TINY
 from videochat.serving.requests import RequestError, parse_timeout_ms
 from videochat.serving.scheduler import DEADLINE, UNAVAILABLE, Job, Scheduler, deadline_for
@@ -60,21 +61,6 @@ class FakeEngine:
     @property
     def num_active(self):
         return len(self.active)
-
-
-class ListSink:
-    def __init__(self):
-        self.responses = []   # ("ok", arrays, final) | ("error", message, code)
-
-    def send(self, arrays, *, final):
-        self.responses.append(("ok", arrays, final))
-
-    def fail(self, message, *, code):
-        self.responses.append(("error", message, code))
-
-    @property
-    def finals(self):
-        return [r for r in self.responses if r[0] == "error" or r[2]]
 
 
 class Clock:

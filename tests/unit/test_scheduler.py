@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from support.fakes import ListSink
 from videochat.serving.llm import StreamCoalescer
 from videochat.serving.scheduler import INTERNAL, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
 
@@ -71,27 +72,6 @@ class FakeEngine:
     @property
     def num_active(self):
         return len(self.active)
-
-
-class ListSink:
-    def __init__(self):
-        self.responses = []   # ("ok", arrays, final) | ("error", message, code)
-
-    def send(self, arrays, *, final):
-        self.responses.append(("ok", arrays, final))
-
-    def fail(self, message, *, code):
-        self.responses.append(("error", message, code))
-
-    @property
-    def finals(self):
-        return [r for r in self.responses if r[0] == "error" or r[2]]
-
-    def text(self):
-        return "".join(r[1]["TEXT"][0, 0].decode() for r in self.responses if r[0] == "ok")
-
-    def ids(self):
-        return [i for r in self.responses if r[0] == "ok" for i in r[1]["TOKEN_IDS"][0].tolist()]
 
 
 def jobs(*reqs, cancelled=None):

@@ -1,7 +1,7 @@
 """Decode isolation: user bytes are decoded in worker processes, never in the Triton stub itself.
 
 Why: Triton never restarts a python stub that died; the model still reports READY and fails every later
-request (shared/research/triton_facts.md §1, "Stub crash"). FFmpeg decoders have crashed, looped and allocated
+request (docs/operations.md, "Operational notes": dead stubs stay READY). FFmpeg decoders have crashed, looped and allocated
 without bound on crafted files. In a worker such a file costs its own request only:
 
     the worker died (segfault, abort, ...)  -> "decoder failed: the decoder crashed on this input (SIGSEGV)"
