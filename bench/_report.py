@@ -1,12 +1,19 @@
-"""Print the README "Performance" table (markdown) from the JSON files in bench/results/; missing files are
-skipped. `python bench/_report.py`"""
+"""The tables of docs/performance.md, from the JSON files in bench/results/ (missing files are skipped).
+
+    python bench/_report.py                              # print the markdown block
+    python bench/_report.py --write docs/performance.md  # replace the text between the file's perf markers
+
+tests/unit/test_docs.py fails when docs/performance.md's block differs from `render()`.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 
 def load(name: str):
@@ -70,11 +77,55 @@ def rows() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def main() -> int:
-    print("| measure | result | target | command |")
-    print("|---|---|---|---|")
-    for r in rows():
-        print("| " + " | ".join(x.replace("|", "\\|") for x in r) + " |")
+def table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(x.replace("|", "\\|") for x in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def preprocessing_table() -> str | None:
+    """Per video: seconds per call (median) of the card's load_video and of preprocess, speed-ups, max diff."""
+    p = load("preprocessing.json")
+    if not p:
+        return None
+    body = [(row["video"], f"{row['reference_median_s']:.3f}", f"{row['ours_median_s']:.3f}",
+             f"{row['speedup_median']:.2f}x", f"{row['speedup_min']:.2f}x", f"{row['max_abs_diff']:.1e}")
+            for row in p["rows"]]
+    return (f"Preprocessing, seconds per call (median of the interleaved repeats), `{p['command']}`:\n\n"
+            + table(("video", "reference `load_video`", "`preprocess`", "speed-up (median)",
+                     "speed-up (fastest runs)", "max abs diff"), body))
+
+
+def render() -> str:
+    """The markdown block docs/performance.md holds between its perf markers."""
+    parts = [table(("measure", "result", "target", "command"), rows()), preprocessing_table()]
+    return "\n\n".join(part for part in parts if part)
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between BEGIN and END replaced by `block` (markers kept, on their own lines)."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {BEGIN} ... {END} block")
+    return text[:start] + f"{BEGIN}\n{block}\n{END}" + text[end + len(END):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", type=Path, metavar="FILE",
+                    help=f"replace the text between {BEGIN} and {END} in FILE instead of printing")
+    args = ap.parse_args(argv)
+    block = render()
+    if args.write is None:
+        print(block)
+        return 0
+    try:
+        text = args.write.read_text()
+        args.write.write_text(replace_block(text, block))
+    except (OSError, ValueError) as e:
+        print(f"error: {args.write}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.write}")
     return 0
 
 

@@ -82,6 +82,7 @@ def timed(fn, *, repeats: int, sync) -> list[float]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+    from videochat.model import llm as llm_api
     from videochat.model.config import VideoChatConfig
 
     if not args.tiny and not torch.cuda.is_available():
@@ -127,7 +128,10 @@ def main(argv=None) -> int:
 
         # -- prefill: batch 1, prompt_len embeddings
         emb = torch.randn(1, args.prompt_len, c.hidden_size, generator=gen, device=device, dtype=dtype) * 0.02
-        ms = timed(lambda: llm(inputs_embeds=emb, use_cache=True, logits_to_keep=1), repeats=repeats, sync=sync)
+        ones = torch.ones(1, args.prompt_len, dtype=torch.long, device=device)
+        positions = torch.arange(args.prompt_len, device=device)[None]
+        ms = timed(lambda: llm_api.forward_last_logits(llm, emb, ones, positions, llm_api.new_cache(llm)),
+                   repeats=repeats, sync=sync)
         results["prefill"] = {"prompt_len": args.prompt_len, "batch": 1, "ms_median": statistics.median(ms),
                               "ms": ms}
 
@@ -136,16 +140,19 @@ def main(argv=None) -> int:
         for b in batches:
             embs = emb.expand(b, -1, -1).contiguous()
 
-            def run():
-                from transformers import DynamicCache
-                cache = DynamicCache()
-                out = llm(inputs_embeds=embs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            def run():   # the engine's calls (videochat.model.llm), unpadded
+                cache = llm_api.new_cache(llm)
+                mask = torch.ones(b, args.prompt_len, dtype=torch.long, device=device)
+                pos = torch.arange(args.prompt_len, device=device)[None].expand(b, -1)
+                nxt = llm_api.forward_last_logits(llm, embs, mask, pos, cache).argmax(-1)
+                pos = pos[:, -1:]
                 sync()
                 t = time.perf_counter()
                 for _ in range(steps):
-                    out = llm(input_ids=nxt, past_key_values=cache, use_cache=True)
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                    mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                    pos = pos + 1
+                    logits = llm_api.forward_last_logits(llm, llm_api.embed(llm, nxt)[:, None], mask, pos, cache)
+                    nxt = logits.argmax(-1)
                 sync()
                 return time.perf_counter() - t
 

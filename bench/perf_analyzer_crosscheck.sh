@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cross-check `videochat loadtest` against Triton's perf_analyzer on the same server, model and input.
 #
-# perf_analyzer route (shared/research/triton_facts.md §5): the perf-analyzer wheels need glibc 2.38, but the
-# tritonclient==2.51.0 wheel (manylinux1) carries bin/perf_analyzer v2.51.0; it needs libb64.so.0d and
-# libcudart.so.12, which nvidia-pytriton's bundled libs provide (symlinked, nothing else downloaded).
+# perf_analyzer route (docs/loadtest.md, "Cross-check with perf_analyzer"): the perf-analyzer wheels need
+# glibc 2.38, but the tritonclient==2.51.0 wheel (manylinux1) carries bin/perf_analyzer v2.51.0; it needs
+# libb64.so.0d and libcudart.so.12, which nvidia-pytriton's bundled libs provide (symlinked, nothing else
+# downloaded).
 #
 # usage: bench/perf_analyzer_crosscheck.sh [--url HOST:PORT --metrics-port P]   (default: start a tiny server)
 # env:   REQUESTS (8)  MAX_NEW_TOKENS (4)  CONCURRENCY (1)  VIDEO (tests/data/tiny-videochat/videos/example1.mp4)

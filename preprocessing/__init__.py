@@ -5,7 +5,7 @@
     res.pixel_values    # float32 [1, 3, 8, 3, 224, 224]
     res.metadata.message
 
-Pure torch + PyAV; no Triton. See the README, "Preprocessing".
+Pure torch + PyAV; no Triton. See docs/preprocessing.md.
 """
 
 from .errors import VideoDecodeError

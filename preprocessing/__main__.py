@@ -1,7 +1,8 @@
 """CLI: `python -m preprocessing VIDEO --out FILE.npy [options]`.
 
 Writes pixel_values ([1, clips, T, 3, R, R] float32) as .npy and prints the metadata as JSON.
-A rejected input exits with status 2 and a one-line message on stderr.
+Exit status 2, with one `error: ...` line on stderr, for bad flags, a video that cannot be read or that the
+preprocessing rejects, and an --out that cannot be written; 0 otherwise.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VideoDecodeError
 from .pipeline import preprocess
+
+EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,16 +31,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")  # as np.save
+    if out.is_dir() or not out.parent.is_dir():   # checked before decoding, not after all the work
+        return _error(f"cannot write --out {out}: " + ("Is a directory" if out.is_dir() else
+                                                        f"no such folder {out.parent}"))
     try:
         data = args.video.read_bytes()
+    except OSError as exc:   # missing, a directory, no permission
+        return _error(f"cannot read {args.video}: {exc.strerror or exc}")
+    try:
         res = preprocess(data, num_segments=args.num_segments, resolution=args.resolution,
                          hd_num=args.hd_num, padding=args.padding, image=args.image)
-    except (VideoDecodeError, ValueError, OSError) as exc:
-        print(f"error: {args.video.name}: {exc}", file=sys.stderr)
-        return 2
-    np.save(args.out, res.pixel_values.numpy())
+    except ValueError as exc:   # VideoDecodeError (a ValueError) or an out-of-range option
+        return _error(f"{args.video.name}: {exc}")
+    try:
+        np.save(out, res.pixel_values.numpy())
+    except OSError as exc:   # its folder is missing or not writable
+        return _error(f"cannot write --out {out}: {exc.strerror or exc}")
     print(json.dumps({**res.metadata.to_dict(), "shape": list(res.pixel_values.shape)}))
     return 0
 

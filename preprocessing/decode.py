@@ -3,7 +3,7 @@
 Frame numbering follows decord (the reference decoder): frame i is the i-th frame in presentation
 order, and the frame count is the number of video packets. Frames are RGB24 via swscale's default
 (BT.601) matrix, rotated by the display matrix with `np.rot90` like decord - bit-identical to
-decord 0.6.0 on 8-bit content (shared/research/video_decoding.md §0).
+decord 0.6.0 on 8-bit content (docs/preprocessing.md, "Decoder").
 
 Edit lists (MP4/MOV): frames an edit list hides (the pre-roll a stream-copy cut leaves before its
 first shown frame) are frames here, because decord counts their packets. Frame i is the i-th coded

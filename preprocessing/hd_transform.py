@@ -1,6 +1,7 @@
 """The model card's HD transform: frames -> a canvas of 224x224 tiles plus one global view.
 
-How it works (spec §7, quirks Q7-Q9), with the model card's call (`resolution=224, hd_num=6`):
+How it works (docs/preprocessing.md, "The model card's load_video"; docs/model.md, quirks Q7-Q9), with the
+model card's call (`resolution=224, hd_num=6`):
 
 * padding=False (the card's default): every frame is bicubic-resized to a fixed 224x448 canvas,
   whatever its aspect ratio (`fix_ratio=(2, 1)` makes the aspect-ratio search dead code, Q7).
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAD_VALUE = 255.0  # white, applied before normalisation (Q8)
+PAD_VALUE = 255.0  # white, applied before normalisation (docs/model.md, quirk Q8)
 
 
 @dataclass(frozen=True)

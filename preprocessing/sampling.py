@@ -1,6 +1,7 @@
 """Which frames the model sees, and the model card's description of them.
 
-Both functions reproduce the model card's `load_video` exactly (spec §7 steps 2 and 8, quirk Q10).
+Both functions reproduce the model card's `load_video` exactly (docs/preprocessing.md, "The model card's
+load_video", steps 2 and 8; docs/model.md, quirk Q10).
 """
 
 from __future__ import annotations

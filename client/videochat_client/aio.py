@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import grpc
 import tritonclient.grpc.aio as tca
 from tritonclient.utils import InferenceServerException
 
-from .client import make_config
+from .client import make_config, timeout_parameters
 from .conversation import ConversationBase, _gen_kwargs
 from .errors import VideoChatError, is_retryable, to_error
 from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, VideoLike, build_inputs,
@@ -26,9 +26,10 @@ from .types import Answer, Chunk
 
 class AsyncVideoChatClient:
     """`async with AsyncVideoChatClient(url) as client: conv = client.conversation(video=...)`.
-    One channel serves any number of concurrent calls."""
+    One channel per URL serves any number of concurrent calls; retries move along the URLs as in the sync
+    client."""
 
-    def __init__(self, url: str = "localhost:8001", *, timeout: Optional[float] = 600.0,
+    def __init__(self, url: Union[str, Sequence[str]] = "localhost:8001", *, timeout: Optional[float] = 600.0,
                  max_retries: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
                  ssl: bool = False, root_certificates: Optional[str] = None, private_key: Optional[str] = None,
                  certificate_chain: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
@@ -36,7 +37,7 @@ class AsyncVideoChatClient:
         self.config = make_config(url, timeout=timeout, max_retries=max_retries, retry_policy=retry_policy,
                                   ssl=ssl, root_certificates=root_certificates, private_key=private_key,
                                   certificate_chain=certificate_chain, headers=headers, model_name=model_name)
-        self._tc: Optional[tca.InferenceServerClient] = None
+        self._tcs: Dict[str, tca.InferenceServerClient] = {}
         self._sleep = asyncio.sleep   # tests replace it
 
     async def __aenter__(self) -> "AsyncVideoChatClient":
@@ -46,18 +47,19 @@ class AsyncVideoChatClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._tc is not None:
-            tc, self._tc = self._tc, None
+        tcs, self._tcs = self._tcs, {}
+        for tc in tcs.values():
             await tc.close()
 
-    def _client(self) -> tca.InferenceServerClient:
+    def _client(self, url: Optional[str] = None) -> tca.InferenceServerClient:
         # Created lazily: a grpc.aio channel belongs to the running event loop.
-        if self._tc is None:
+        url = url or self.config.url
+        if url not in self._tcs:
             try:
-                self._tc = tca.InferenceServerClient(**self.config.tritonclient_kwargs())
+                self._tcs[url] = tca.InferenceServerClient(**self.config.tritonclient_kwargs(url))
             except (InferenceServerException, grpc.RpcError, OSError) as e:
                 raise to_error(e) from e
-        return self._tc
+        return self._tcs[url]
 
     def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = DEFAULTS.num_segments, hd_num: int = DEFAULTS.hd_num,
                      padding: bool = False, msg: str = "", instruction: Optional[str] = None,
@@ -80,24 +82,27 @@ class AsyncVideoChatClient:
         for attempt in itertools.count():
             started = False
             try:
-                async for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs):
+                async for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs,
+                                                 url=self.config.url_for(attempt)):
                     started = True
                     yield chunk
                 return
             except VideoChatError as err:
                 if started or attempt >= retries or not is_retryable(err):
                     raise
-                await self._sleep(self.config.retry.backoff(attempt))
+                if self.config.backoff_before(attempt + 1):
+                    await self._sleep(self.config.retry.backoff(attempt))
 
-    async def _attempt(self, inputs, *, request_id: str, timeout: Optional[float], headers: Dict[str, str]
-                       ) -> AsyncIterator[Chunk]:
+    async def _attempt(self, inputs, *, request_id: str, timeout: Optional[float], headers: Dict[str, str],
+                       url: Optional[str] = None) -> AsyncIterator[Chunk]:
         async def requests():
-            yield {"model_name": self.config.model_name, "inputs": inputs, "request_id": request_id}
+            yield {"model_name": self.config.model_name, "inputs": inputs, "request_id": request_id,
+                   "parameters": timeout_parameters(timeout)}
 
         finished = False
         it = None
         try:
-            it = self._client().stream_infer(requests(), stream_timeout=timeout, headers=headers or None)
+            it = self._client(url).stream_infer(requests(), stream_timeout=timeout, headers=headers or None)
             async for result, error in it:
                 if error is not None:
                     raise to_error(error, request_id=request_id)

@@ -1,7 +1,8 @@
 """`videochat` command line: ask | chat | health | loadtest.
 
-Exit status: 0 success, 2 invalid argument (bad flags or a bad video), 3 server unavailable (unreachable,
-not ready, or the model is not loaded), 1 anything else. Errors go to stderr as
+Exit status: 0 success, 2 invalid argument (bad flags, a bad video, or a local file that cannot be read or
+written: --resume, --save, --out, --plot, TLS files; checked before any request), 3 server unavailable
+(unreachable, not ready, or the model is not loaded), 1 anything else. Errors go to stderr as one line,
 `videochat: error: <GRPC_STATUS>: <server's message>`."""
 from __future__ import annotations
 
@@ -34,12 +35,75 @@ def _report(err: VideoChatError) -> int:
     return exit_code(err)
 
 
+# -- local files: checked before any request, so a typo costs no server time and exits 2, not 1 -------------
+def _readable(path: str, flag: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:   # missing, a directory, no permission
+        raise InvalidArgument(f"cannot read {flag} file {path!r}: {e.strerror or e}") from None
+    return path
+
+
+def _writable(path: Optional[str], flag: str, *, makes_folders: bool = False) -> None:
+    """Refuse an output path that cannot be a file: a directory, or under a missing folder (or a file)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise InvalidArgument(f"cannot write {flag} file {path!r}: Is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    while makes_folders and not os.path.exists(folder):   # the command creates the missing ones
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise InvalidArgument(f"cannot write {flag} file {path!r}: folder {folder!r} {why}")
+
+
+def _read_conversation(path: str, client: VideoChatClient, video: str) -> Conversation:
+    """--resume FILE -> Conversation; a file that is not one saved by --save is an invalid argument."""
+    try:
+        with open(_readable(path, "--resume")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8 text
+        raise InvalidArgument(f"--resume file {path!r} is not a saved conversation: {e}") from None
+    if not isinstance(saved, dict):
+        raise InvalidArgument(f"--resume file {path!r} is not a saved conversation (not a JSON object)")
+    try:
+        return Conversation.from_json(saved, client, video=video)
+    except TypeError as e:   # unknown or missing fields, e.g. in "media"
+        raise InvalidArgument(f"--resume file {path!r} is not a saved conversation: {e}") from None
+
+
+# -- argument types -------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:   # a deadline <= 0 fails every call with DEADLINE_EXCEEDED (exit 1)
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 # -- argument groups ------------------------------------------------------------------------------------
 def _connection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC HOST:PORT (default $VIDEOCHAT_URL or %(default)s)")
-    g.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (default %(default)s)")
-    g.add_argument("--retries", type=int, default=2,
+    g.add_argument("--url", default=DEFAULT_URL,
+                   help="Triton gRPC HOST:PORT, or several comma-separated: retries fail over to the next "
+                        "(default $VIDEOCHAT_URL or %(default)s)")
+    g.add_argument("--timeout", type=_positive_float, default=600.0,
+                   help="per-request deadline, seconds (default %(default)s)")
+    g.add_argument("--retries", type=_non_negative_int, default=2,
                    help="retries of UNAVAILABLE / draining-replica errors before any token arrived (default %(default)s)")
     g.add_argument("--ssl", action="store_true", help="use TLS")
     g.add_argument("--root-certificates", help="PEM file with the CA certificates")
@@ -76,6 +140,10 @@ def _client(args) -> VideoChatClient:
         if not sep:
             raise InvalidArgument(f"--header wants KEY=VALUE, got {h!r}")
         headers[k.strip().lower()] = v
+    for flag, path in (("--root-certificates", args.root_certificates), ("--private-key", args.private_key),
+                       ("--certificate-chain", args.certificate_chain)):
+        if path:   # tritonclient would fail inside its constructor: exit 1 and a traceback from its __del__
+            _readable(path, flag)
     return VideoChatClient(args.url, timeout=args.timeout, max_retries=args.retries, ssl=args.ssl,
                            root_certificates=args.root_certificates, private_key=args.private_key,
                            certificate_chain=args.certificate_chain, headers=headers)
@@ -88,8 +156,7 @@ def _gen_kwargs(args) -> dict:
 
 def _conversation(client: VideoChatClient, args) -> Conversation:
     if getattr(args, "resume", None):
-        with open(args.resume) as f:
-            return Conversation.from_json(f.read(), client, video=args.video)
+        return _read_conversation(args.resume, client, args.video)
     return client.conversation(args.video, image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
                                padding=args.padding, msg=args.msg, instruction=args.instruction)
 
@@ -102,6 +169,7 @@ def _save(conv: Conversation, path: Optional[str]) -> None:
 
 # -- commands -------------------------------------------------------------------------------------------
 def cmd_ask(args) -> int:
+    _writable(args.save, "--save")
     turns = []
     with _client(args) as client:
         conv = _conversation(client, args)
@@ -135,6 +203,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    _writable(args.save, "--save")
     interactive = sys.stdin.isatty()
     with _client(args) as client:
         conv = _conversation(client, args)
@@ -214,6 +283,9 @@ def cmd_loadtest(args) -> int:
         args.concurrency = [1]
     if args.requests is not None and args.duration is not None:
         raise InvalidArgument("give --requests or --duration, not both")
+    _writable(args.out, "--out", makes_folders=True)       # else found only after the whole sweep
+    _writable(os.path.splitext(args.out)[0] + ".csv", "--out (its .csv)", makes_folders=True)
+    _writable(args.plot, "--plot")
     metrics_url = None if args.no_metrics else (args.metrics_url or default_metrics_url(args.url))
     if metrics_url and not metrics_url.startswith("http"):
         metrics_url = "http://" + metrics_url
@@ -293,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stream", action="store_true", help="stream answers (reports TTFT and inter-token latency)")
     t.add_argument("--warmup", type=int, default=0, help="unmeasured requests before the first level")
     t.add_argument("--prompt", action="append", help="question for turn k (repeat; cycles). Default: 4 generic ones")
-    t.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
-    t.add_argument("--retries", type=int, default=0, help="client retries (default 0: errors are counted)")
+    t.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request deadline, seconds")
+    t.add_argument("--retries", type=_non_negative_int, default=0,
+                   help="client retries (default 0: errors are counted)")
     t.add_argument("--max-inflight", type=int, default=256, help="open loop: at most this many sessions at once")
     t.add_argument("--metrics-url", help="Triton metrics HOST:PORT or URL (default: same host as --url, port 8002)")
     t.add_argument("--no-metrics", action="store_true", help="do not scrape server metrics")

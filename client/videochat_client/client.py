@@ -4,7 +4,13 @@ Every call goes over Triton's bidirectional `ModelStreamInfer` RPC (the only RPC
 it serves non-decoupled models too), with `enable_empty_final_response=True` so the end of an answer is the
 response whose `triton_final_response` parameter is true. tritonclient allows one stream per client object,
 so concurrent calls take a tritonclient client from a small pool (gRPC shares the TCP connection between
-channels with the same target and arguments)."""
+channels with the same target and arguments).
+
+Every attempt tells the server its time budget (the `timeout_ms` request parameter), so the server stops
+generating for a caller that has given up. `url` may list several replicas ("a:8001,b:8001" or a list): a call
+goes to the first; each retry goes to the next one, at once while there is one not yet tried in this call, with
+backoff once all were. That is failover, not load balancing (put a balancer in front for that): a
+conversation's turns stay on one replica, where its video is cached."""
 from __future__ import annotations
 
 import itertools
@@ -14,7 +20,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import tritonclient.grpc as tc
@@ -24,7 +30,7 @@ from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
 from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
-from .schema import DEFAULTS, MODEL_NAME
+from .schema import DEFAULTS, MODEL_NAME, TIMEOUT_MS_PARAMETER
 from .types import Chunk
 
 # Extra wait beyond the gRPC deadline before the client gives up on a silent stream itself.
@@ -35,7 +41,7 @@ _DEADLINE_GRACE_S = 5.0
 class ClientConfig:
     """Connection settings shared by the sync and asyncio clients."""
 
-    url: str = "localhost:8001"
+    url: str = "localhost:8001"               # the first of `urls`
     timeout: Optional[float] = 600.0          # per attempt, seconds; None = no deadline
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ssl: bool = False
@@ -44,9 +50,18 @@ class ClientConfig:
     certificate_chain: Optional[str] = None
     headers: Tuple[Tuple[str, str], ...] = ()
     model_name: str = MODEL_NAME
+    urls: Tuple[str, ...] = ()                # every replica; retries move along it (empty: just `url`)
 
-    def tritonclient_kwargs(self) -> dict:
-        return dict(url=self.url, ssl=self.ssl, root_certificates=self.root_certificates,
+    def url_for(self, attempt: int) -> str:
+        urls = self.urls or (self.url,)
+        return urls[attempt % len(urls)]
+
+    def backoff_before(self, attempt: int) -> bool:
+        """Sleep before `attempt` (1-based retry)? Not while it goes to a replica this call has not tried yet."""
+        return attempt >= len(self.urls or (self.url,))
+
+    def tritonclient_kwargs(self, url: Optional[str] = None) -> dict:
+        return dict(url=url or self.url, ssl=self.ssl, root_certificates=self.root_certificates,
                     private_key=self.private_key, certificate_chain=self.certificate_chain,
                     channel_args=list(CHANNEL_ARGS))
 
@@ -56,13 +71,29 @@ class ClientConfig:
         return h
 
 
-def make_config(url: str, *, timeout, max_retries, retry_policy, ssl, root_certificates, private_key,
-                certificate_chain, headers, model_name) -> ClientConfig:
+def parse_urls(url: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """"host:port", "a:8001,b:8001" or a list of them -> the replicas, in order."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = tuple(u.strip() for u in parts if u.strip())
+    if not urls:
+        raise ValueError(f"no server address in {url!r}")
+    return urls
+
+
+def timeout_parameters(timeout: Optional[float]) -> Optional[Dict[str, int]]:
+    """The request parameters that tell the server this attempt's budget (None: no deadline, none sent)."""
+    return None if timeout is None else {TIMEOUT_MS_PARAMETER: max(1, int(timeout * 1000))}
+
+
+def make_config(url: Union[str, Sequence[str]], *, timeout, max_retries, retry_policy, ssl, root_certificates,
+                private_key, certificate_chain, headers, model_name) -> ClientConfig:
     if retry_policy is not None and max_retries is not None:
         raise ValueError("give max_retries or retry_policy, not both")
     policy = retry_policy or RetryPolicy(max_retries=2 if max_retries is None else max_retries)
-    return ClientConfig(url=url, timeout=timeout, retry=policy, ssl=ssl, root_certificates=root_certificates,
-                        private_key=private_key, certificate_chain=certificate_chain,
+    urls = parse_urls(url)
+    return ClientConfig(url=urls[0], urls=urls, timeout=timeout, retry=policy, ssl=ssl,
+                        root_certificates=root_certificates, private_key=private_key,
+                        certificate_chain=certificate_chain,
                         headers=tuple((headers or {}).items()), model_name=model_name)
 
 
@@ -74,7 +105,7 @@ class VideoChatClient:
     ...     print(conv.ask("What happens?").text)
     """
 
-    def __init__(self, url: str = "localhost:8001", *, timeout: Optional[float] = 600.0,
+    def __init__(self, url: Union[str, Sequence[str]] = "localhost:8001", *, timeout: Optional[float] = 600.0,
                  max_retries: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
                  ssl: bool = False, root_certificates: Optional[str] = None, private_key: Optional[str] = None,
                  certificate_chain: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
@@ -83,7 +114,7 @@ class VideoChatClient:
                                   retry_policy=retry_policy, ssl=ssl, root_certificates=root_certificates,
                                   private_key=private_key, certificate_chain=certificate_chain,
                                   headers=headers, model_name=model_name)
-        self._idle: List[tc.InferenceServerClient] = []
+        self._idle: Dict[str, List[tc.InferenceServerClient]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._sleep = time.sleep   # tests replace it
@@ -98,25 +129,27 @@ class VideoChatClient:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
+            idle, self._idle = self._idle, {}
+        for pool in idle.values():
+            for c in pool:
+                c.close()
 
-    def _acquire(self) -> tc.InferenceServerClient:
+    def _acquire(self, url: Optional[str] = None) -> tc.InferenceServerClient:
+        url = url or self.config.url
         with self._lock:
             if self._closed:
                 raise VideoChatError("client is closed", code="CANCELLED")
-            if self._idle:
-                return self._idle.pop()
+            if self._idle.get(url):
+                return self._idle[url].pop()
         try:
-            return tc.InferenceServerClient(**self.config.tritonclient_kwargs())
+            return tc.InferenceServerClient(**self.config.tritonclient_kwargs(url))
         except (InferenceServerException, grpc.RpcError, OSError) as e:
             raise to_error(e) from e
 
-    def _release(self, c: tc.InferenceServerClient) -> None:
+    def _release(self, c: tc.InferenceServerClient, url: Optional[str] = None) -> None:
         with self._lock:
             if not self._closed:
-                self._idle.append(c)
+                self._idle.setdefault(url or self.config.url, []).append(c)
                 return
         c.close()
 
@@ -145,26 +178,28 @@ class VideoChatClient:
         for attempt in itertools.count():
             started = False
             try:
-                for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs):
+                for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs,
+                                           url=self.config.url_for(attempt)):
                     started = True
                     yield chunk
                 return
             except VideoChatError as err:
                 if started or attempt >= retries or not is_retryable(err):
                     raise
-                self._sleep(self.config.retry.backoff(attempt))
+                if self.config.backoff_before(attempt + 1):
+                    self._sleep(self.config.retry.backoff(attempt))
 
-    def _attempt(self, inputs, *, request_id: str, timeout: Optional[float], headers: Dict[str, str]
-                 ) -> Iterator[Chunk]:
+    def _attempt(self, inputs, *, request_id: str, timeout: Optional[float], headers: Dict[str, str],
+                 url: Optional[str] = None) -> Iterator[Chunk]:
         responses: "queue.Queue" = queue.Queue()
-        client = self._acquire()
+        client = self._acquire(url)
         finished = False
         try:
             try:
                 client.start_stream(callback=lambda result, error: responses.put((result, error)),
                                     stream_timeout=timeout, headers=headers or None)
                 client.async_stream_infer(self.config.model_name, inputs, request_id=request_id,
-                                          enable_empty_final_response=True)
+                                          enable_empty_final_response=True, parameters=timeout_parameters(timeout))
             except (InferenceServerException, grpc.RpcError) as e:
                 # A stream that failed at once (e.g. connection refused) makes async_stream_infer say only
                 # "the error detail is reported through provided callback": report that detail instead.
@@ -194,7 +229,7 @@ class VideoChatClient:
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - closing must not mask the real error
                 pass
-            self._release(client)
+            self._release(client, url)
 
     @contextmanager
     def triton(self) -> Iterator[tc.InferenceServerClient]:
@@ -207,7 +242,7 @@ class VideoChatClient:
 
     # -- health ----------------------------------------------------------------------------------------
     def health(self, *, timeout: Optional[float] = 10.0) -> Dict[str, bool]:
-        """{"live", "ready", "model_ready"}; raises Unavailable when the server cannot be reached."""
+        """{"live", "ready", "model_ready"} of the first URL; raises Unavailable when it cannot be reached."""
         client = self._acquire()
         try:
             hdrs = self.config.merged_headers(None) or None

@@ -1,5 +1,5 @@
 """Conversations: one video, many turns. The server is stateless, so every turn sends the video, the question
-and the history (docs/interfaces.md); the history is a value (tuple of (question, answer)) that only grows
+and the history (docs/serving.md); the history is a value (tuple of (question, answer)) that only grows
 when a turn completed, and it round-trips through JSON so a conversation can continue elsewhere."""
 from __future__ import annotations
 

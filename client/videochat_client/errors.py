@@ -2,9 +2,9 @@
 
     VideoChatError            .code = gRPC status name ("INVALID_ARGUMENT", ...), .message = server's text
     ├── InvalidArgument       INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION; also bad local input
-    ├── Unavailable           UNAVAILABLE (also "Server is stopping ..." in a stream); NOT_FOUND "Request for unknown
-    │                         model" (draining replica / model not loaded)
-    ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired)
+    ├── Unavailable           UNAVAILABLE (unreachable, overloaded, shutting down; also "Server is stopping ..." in
+    │                         a stream); NOT_FOUND "Request for unknown model" (draining replica / model not loaded)
+    ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired, here or on the server)
     ├── Cancelled             CANCELLED
     └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
 
@@ -12,7 +12,9 @@ Why message classification exists: Triton drops the status code of an error that
 stream (`ModelStreamInferResponse.error_message` is a bare string; measured with 2.51: a model's
 `TritonError(..., INVALID_ARG)` reaches a unary caller as INVALID_ARGUMENT but a stream caller as a message
 only). For those we recover the code from the message (`classify_message`); errors of the RPC itself keep
-their real status.
+their real status. A message that starts with one of the server's declared prefixes (schema.ERROR_PREFIXES,
+after Triton's "in ensemble '...', ") names its code in every case: Triton has no DEADLINE_EXCEEDED, so the
+server's deadline errors travel as CANCELLED with the "deadline exceeded: " prefix.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Optional
 
 import grpc
 from tritonclient.utils import InferenceServerException
+
+from .schema import ERROR_PREFIXES
 
 
 class VideoChatError(Exception):
@@ -71,6 +75,17 @@ _CLASS_BY_CODE = {
 # after SIGTERM answers exactly this, so it is retryable and, if it persists, the service is unavailable.
 _MODEL_MISSING = re.compile(r"Request for unknown model|has no available versions")
 
+# "unavailable: ...", or "in ensemble 'videochat', unavailable: ..." (the prefix Triton adds for a step's error).
+_DECLARED = re.compile(r"^(?:in ensemble '[^']*', )?(" + "|".join(re.escape(p) for p in ERROR_PREFIXES.values()) + ")")
+_CODE_BY_PREFIX = {p: code for code, p in ERROR_PREFIXES.items()}
+
+
+def declared_code(message: str) -> Optional[str]:
+    """The code the server put at the start of its message, if it did."""
+    m = _DECLARED.match(message)
+    return _CODE_BY_PREFIX[m.group(1)] if m else None
+
+
 # Ordered (pattern, code) rules for stream errors that arrive without a status. The first match wins.
 _MESSAGE_RULES = (
     # Python backend crashes / raises: a server bug, never the caller's fault.
@@ -96,6 +111,9 @@ _MESSAGE_RULES = (
 
 def classify_message(message: str) -> str:
     """The gRPC status name a status-less (in-stream) error message most likely had."""
+    declared = declared_code(message)
+    if declared is not None:
+        return declared
     for pattern, code in _MESSAGE_RULES:
         if pattern.search(message):
             return code
@@ -124,10 +142,10 @@ def to_error(exc: BaseException, *, request_id: Optional[str] = None) -> VideoCh
         code = exc.code()
         name = code.name if isinstance(code, grpc.StatusCode) else _status_name(str(code)) or "UNKNOWN"
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        return error_from_code(name, details or "", request_id=request_id)
+        return error_from_code(declared_code(details or "") or name, details or "", request_id=request_id)
     if isinstance(exc, InferenceServerException):
         message = exc.message() or ""
-        name = _status_name(exc.status()) or classify_message(message)
+        name = declared_code(message) or _status_name(exc.status()) or classify_message(message)
         return error_from_code(name, message, request_id=request_id)
     return ServerError(f"{type(exc).__name__}: {exc}", code="UNKNOWN", request_id=request_id)
 

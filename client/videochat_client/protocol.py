@@ -1,4 +1,4 @@
-"""Wire format of the `videochat` ensemble (docs/interfaces.md), shared by the sync and asyncio clients:
+"""Wire format of the `videochat` ensemble (docs/serving.md), shared by the sync and asyncio clients:
 request tensors from typed options, responses to `Chunk`s, chunks to one `Answer`.
 
 Every tensor carries the leading batch dimension of 1 (the ensemble has max_batch_size > 0):
@@ -40,7 +40,7 @@ VideoLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Sampling knobs; None = server default (docs/interfaces.md). Greedy unless do_sample."""
+    """Sampling knobs; None = server default (docs/serving.md). Greedy unless do_sample."""
 
     max_new_tokens: int = DEFAULTS.max_new_tokens
     do_sample: bool = False

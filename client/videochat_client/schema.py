@@ -124,6 +124,19 @@ OUTPUTS: Tuple[Field, ...] = (
           optional=False),
 )
 
+# Request `parameters` (not tensors: Triton hands them to every step of the ensemble as they are).
+# The client's time budget for one attempt, in milliseconds (relative, like gRPC's grpc-timeout header, so no
+# clock sync is needed): the server ends a generation, or never starts one, once it has passed.
+TIMEOUT_MS_PARAMETER = "timeout_ms"
+
+# Errors inside a gRPC stream reach the client as a bare message (Triton drops the status code), so the server
+# starts the messages it means for the client with the code's name; the client maps them back (errors.py).
+ERROR_PREFIXES = {
+    "INVALID_ARGUMENT": "invalid argument: ",
+    "UNAVAILABLE": "unavailable: ",           # overloaded or shutting down: retry later or elsewhere
+    "DEADLINE_EXCEEDED": "deadline exceeded: ",
+}
+
 INPUT_BY_NAME = {f.name: f for f in INPUTS}
 MEDIA_INPUTS = tuple(f for f in INPUTS if f.stage == MEDIA)
 CHAT_INPUTS = tuple(f for f in INPUTS if f.stage == CHAT)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support_serve import VIDEO, Served, processes_under
+from support.replica import VIDEO, Served, processes_under
 from videochat_client import VideoChatClient, VideoChatError
 from videochat_client.errors import is_retryable
 

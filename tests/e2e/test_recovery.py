@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from support_serve import Served, Traffic, processes_under, wait_until
+from support.replica import Served, Traffic, processes_under
+from support.server import wait_for
 from videochat_client import cli
 
 UNREADY_WITHIN_S = 3.0           # the stub watcher scans every 0.5 s
@@ -47,7 +48,7 @@ def served(tmp_path_factory):
 
 def _outage(served: Served, model: str, back_within_s: float) -> None:
     with Traffic(served.url) as traffic:
-        wait_until(lambda: traffic.started() >= 3, 30, "traffic before the fault")
+        wait_for(lambda: traffic.started() >= 3, 30, "traffic before the fault")
         assert traffic.failures() == [], traffic.failures()
         killed_at = time.monotonic()
         pid = served.kill_stub(model)
@@ -66,7 +67,7 @@ def _outage(served: Served, model: str, back_within_s: float) -> None:
     status = served.readiness()[1]
     assert status["phase"] == "serving" and status["recoveries"] >= 1, status
     # the old instances' stubs are unloaded once their last request finished
-    wait_until(lambda: len(served.stub_pids(model)) == status["instances"][model], 30, f"old {model} stubs exit")
+    wait_for(lambda: len(served.stub_pids(model)) == status["instances"][model], 30, f"old {model} stubs exit")
     print("\n".join(l for l in served.health_lines() if "old model version" in l))
 
 
@@ -94,7 +95,7 @@ def test_hung_llm_stub_is_found_by_the_probe_and_replaced(served):
         print(f"\nvideochat_llm stub {pid} stopped: /ready 503 after {unready_s:.1f} s, 200 again after {back_s:.1f} s")
         assert any("failed probes in a row" in l and "videochat_llm" in l for l in served.health_lines()[-6:])
         assert cli.main(["health", "--probe", "--url", served.url]) == 0
-        wait_until(lambda: not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", 30, "the hung stub is killed")
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", 30, "the hung stub is killed")
     finally:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGCONT)

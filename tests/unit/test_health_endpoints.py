@@ -10,15 +10,16 @@ import urllib.request
 import zlib
 
 import pytest
+from support.paths import TINY
 from tritonclient.utils import InferenceServerException
 
+from videochat.errors import run_cli
 from videochat.launch import launcher
 from videochat.launch.readiness import ReadinessServer
 from videochat_client import VideoChatClient, cli
 from videochat_client.errors import Unavailable, is_retryable, to_error
 from videochat_client.probe import PROBE_IMAGE, png_bytes, probe
 
-TINY = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "tiny-videochat"
 
 
 def free_port() -> int:
@@ -101,12 +102,19 @@ def test_readiness_server_answers_200_503_404():
         server.close()
 
 
-def test_serve_refuses_a_busy_health_port_before_starting_tritonserver(tmp_path, capsys):
+def _serve(tmp_path, *args: str) -> int:
+    ports = ["--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    return run_cli(launcher.main, ["--checkpoint", str(TINY), "--device", "cpu", "--work-dir", str(tmp_path / "work"),
+                                   *ports, *args])
+
+
+def test_serve_refuses_a_busy_or_repeated_health_port_before_starting_tritonserver(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        rc = launcher.main(["--checkpoint", str(TINY), "--device", "cpu", "--work-dir", str(tmp_path),
-                            "--health-port", str(port)])
-    assert rc == 2
-    assert "--health-port" in capsys.readouterr().err
+        assert _serve(tmp_path, "--health-port", str(port)) == 2
+    assert f"port {port} (--health-port) is already in use" in capsys.readouterr().err
+    assert _serve(tmp_path, "--health-port", "8001", "--grpc-port", "8001") == 2
+    assert "must differ" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()   # refused before anything was written

@@ -24,6 +24,8 @@ STUB_DEAD = ProbeResult(False, (1000.0,), 2, code="INTERNAL",
                         error="INTERNAL: in ensemble 'videochat', Stub process 'videochat_llm_0_0' is not healthy.")
 REFUSED = ProbeResult(False, (2.0,), 2, code="UNAVAILABLE", error="UNAVAILABLE: failed to connect to all addresses")
 SLOW = ProbeResult(False, (10000.0,), 2, code="DEADLINE_EXCEEDED", error="DEADLINE_EXCEEDED: Deadline Exceeded")
+FULL = ProbeResult(False, (3.0,), 2, code="UNAVAILABLE",
+                   error="UNAVAILABLE: in ensemble 'videochat', unavailable: the queue is full (2 waiting)")
 
 
 def policy(**options) -> HealthPolicy:
@@ -64,7 +66,24 @@ def test_error_answers_unready_after_n_checks_and_reload_the_model_named_in_the_
 
 def test_an_error_that_names_no_model_reloads_every_model():
     p = serving(failures_before_unready=1)
+    failed = ProbeResult(False, (5.0,), 2, code="INTERNAL", error="INTERNAL: in ensemble 'videochat', boom")
+    assert p.observe(Observation(probe=failed)).recover == set(MODELS)
+
+
+def test_no_connection_is_like_a_timeout():
+    p = serving(failures_before_unready=1)
+    assert p.observe(Observation(probe=REFUSED)) == Decision() and not p.ready
     assert p.observe(Observation(probe=REFUSED)).recover == set(MODELS)
+
+
+def test_a_full_queue_drains_but_never_reloads():
+    """Backpressure's UNAVAILABLE is an answer from a live server: a reload would only cut its streams."""
+    p = serving(failures_before_unready=2)
+    for _ in range(10):
+        assert p.observe(Observation(probe=FULL)) == Decision()
+    assert not p.ready and p.phase is Phase.UNREADY
+    p.observe(Observation(probe=OK))
+    assert p.ready
 
 
 def test_timeouts_drain_first_and_reload_only_if_they_go_on():

@@ -3,7 +3,8 @@
     python -m videochat serve [--checkpoint DIR] [--device auto|cpu|cuda] [--host 127.0.0.1]
         [--grpc-port 8001 --http-port 8000 --metrics-port 8002] [--max-batch-size N] [--instances N]
         [--decoupled-mode true|false] [--batching inflight|static] [--stream-interval-ms 20]
-        [--media-cache-mb 512] [--visual-cache-mb 256] [--work-dir DIR]
+        [--media-cache-mb 512] [--visual-cache-mb 256] [--max-queue N] [--request-timeout-s S]
+        [--decode-isolation true|false] [--decode-timeout-s 120] [--decode-memory-mb 4096] [--work-dir DIR]
         [--health-port 8003 --probe-interval-s 2 --probe-timeout-s 10 --failures-before-unready 2 --max-recoveries 3]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
@@ -14,15 +15,20 @@ passed; on SIGTERM or Ctrl-C mark unready, forward SIGTERM, wait for the drain, 
 regions. Without --checkpoint a tiny random demo checkpoint is created on first use. Importing this module does
 not import torch.
 
-Exit status: 0 stopped by SIGTERM/Ctrl-C, 1 tritonserver failed to start or died, 2 bad arguments,
-3 the replica stayed unhealthy (recovery failed --max-recoveries times in a row).
+Exit codes: 0 stopped by SIGTERM/Ctrl-C after a clean drain; 2 bad input (a flag value, a checkpoint without a
+readable config.json, a work dir that cannot be created, a port already in use: checked before tritonserver
+starts, so it fails in a second); 1 tritonserver not found, or it exited / was not ready in time / died;
+3 the replica stayed unhealthy (recovery failed --max-recoveries times in a row, docs/operations.md). Errors are
+one `error: ...` line on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +36,13 @@ from pathlib import Path
 
 from videochat_client import VideoChatClient
 
+from videochat.errors import EXIT_FAILURE, UserError, report
 from videochat.launch.readiness import ReadinessServer
 from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
 from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
 from videochat.launch.tritonserver import UNLOAD_GRACE_S, Endpoints, LaunchError, TritonServer, find_triton
-from videochat.serving.settings import BATCHING_MODES, DTYPES
+from videochat.model.preflight import check_checkpoint_files
+from videochat.serving.settings import BATCHING_MODES, DEFAULT_QUEUE_PER_ACTIVE, DTYPES
 
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "videochat" / "serve"
 
@@ -48,6 +56,41 @@ def _health(option: str):
     return _default(option, SupervisorOptions)
 
 
+def port_arg(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
+def check_ports_free(endpoints: Endpoints, health_port: int | None = None) -> None:
+    """Raise UserError naming the flag if a port is taken or repeated. tritonserver would only find out after
+    loading every model (minutes for the real one) and then exit with a log full of unrelated lines."""
+    ports = {"--http-port": endpoints.http_port, "--grpc-port": endpoints.grpc_port,
+             "--metrics-port": endpoints.metrics_port}
+    if health_port is not None:
+        ports["--health-port"] = health_port
+    if len(set(ports.values())) < len(ports):
+        raise UserError(", ".join(ports) + " must differ, got "
+                        + ", ".join(f"{flag} {port}" for flag, port in ports.items()))
+    for flag, port in ports.items():
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(endpoints.host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as e:
+            raise UserError(f"--host {endpoints.host!r}: {e.strerror}") from None
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR: a port with only TIME_WAIT leftovers is free for tritonserver too; a listener is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UserError(f"port {port} ({flag}) is already in use on {endpoints.host}; stop what "
+                                    f"listens there or choose another {flag}") from None
+                raise UserError(f"cannot listen on {endpoints.host}:{port} ({flag}): {e.strerror}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videochat serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -55,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if torch sees a GPU, else cpu (KIND_GPU without a GPU fails to load)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=port_arg, default=8000)
+    p.add_argument("--grpc-port", type=port_arg, default=8001)
+    p.add_argument("--metrics-port", type=port_arg, default=8002)
     p.add_argument("--max-batch-size", type=int, default=_default("max_batch_size"), help="1 turns dynamic batching off")
     p.add_argument("--max-queue-delay-us", type=int, default=_default("max_queue_delay_us"),
                    help="how long the dynamic batcher waits for batch-mates")
@@ -71,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "static = they join only an idle batch, which runs to its longest answer (a baseline)")
     p.add_argument("--max-active", type=int, default=_default("max_active"),
                    help="in-flight batching: most sequences in the running batch (default: --max-batch-size)")
+    p.add_argument("--max-queue", type=int, default=_default("max_queue"),
+                   help="per videochat_llm instance: requests that may wait beyond the free slots; one more is "
+                        f"refused at once with UNAVAILABLE (default 0 = {DEFAULT_QUEUE_PER_ACTIVE} x --max-active)")
+    p.add_argument("--request-timeout-s", type=float, default=_default("request_timeout_s"),
+                   help="server-side deadline of a request, counted from its arrival at videochat_llm: a queued "
+                        "one is never started, a running one is stopped, both with DEADLINE_EXCEEDED "
+                        "(0 = none; clients also send their own budget, see docs/operations.md)")
     p.add_argument("--stream-interval-ms", type=int, default=_default("stream_interval_ms"),
                    help="in-flight streaming: first token at once, then merge tokens for at least this long "
                         "per response (0 = one response per token)")
@@ -82,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=_default("decode_threads"),
                    help="CPU, in-flight: torch intra-op threads of a decode step (vision/prefill keep torch's "
                         "default); 0 = torch's default for both")
+    p.add_argument("--decode-isolation", choices=("true", "false"),
+                   default=str(_default("decode_isolation")).lower(),
+                   help="decode uploads in a worker process per preprocessing instance: a crash, hang or runaway "
+                        "allocation fails that request alone (docs/operations.md, 'Decode isolation')")
+    p.add_argument("--decode-timeout-s", type=float, default=_default("decode_timeout_s"),
+                   help="decode isolation: wall-clock limit of one decode; the worker is killed and replaced")
+    p.add_argument("--decode-memory-mb", type=int, default=_default("decode_memory_mb"),
+                   help="decode isolation: memory one decode may allocate on top of the idle worker")
     p.add_argument("--dtype", choices=DTYPES, default=_default("dtype"))
     p.add_argument("--max-new-tokens-limit", type=int, default=_default("max_new_tokens_limit"),
                    help="largest max_new_tokens accepted")
@@ -92,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful drain limit on SIGTERM")
     p.add_argument("--render-only", action="store_true", help="render the repository, print its path, exit")
     h = p.add_argument_group("health and recovery (docs/operations.md)")
-    h.add_argument("--health-port", type=int, default=_health("health_port"),
+    h.add_argument("--health-port", type=port_arg, default=_health("health_port"),
                    help="the launcher's HTTP GET /ready (200/503) and /live: point load balancers and Kubernetes here, "
                         "not at Triton's /v2/health/ready (which stays 200 with a dead worker)")
     h.add_argument("--probe-interval-s", type=float, default=_health("probe_interval_s"),
@@ -146,9 +204,11 @@ def options_from_args(args: argparse.Namespace, checkpoint: Path) -> RepoOptions
                        decoupled=args.decoupled_mode == "true", dtype=args.dtype,
                        max_new_tokens_limit=args.max_new_tokens_limit, max_video_bytes=args.max_video_bytes,
                        batching=args.batching,
-                       max_active=args.max_active, stream_interval_ms=args.stream_interval_ms,
+                       max_active=args.max_active, max_queue=args.max_queue,
+                       request_timeout_s=args.request_timeout_s, stream_interval_ms=args.stream_interval_ms,
                        media_cache_mb=args.media_cache_mb, visual_cache_mb=args.visual_cache_mb,
-                       decode_threads=args.decode_threads)
+                       decode_threads=args.decode_threads, decode_isolation=args.decode_isolation == "true",
+                       decode_timeout_s=args.decode_timeout_s, decode_memory_mb=args.decode_memory_mb)
 
 
 def supervisor_options_from_args(args: argparse.Namespace) -> SupervisorOptions:
@@ -160,27 +220,36 @@ def supervisor_options_from_args(args: argparse.Namespace) -> SupervisorOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `serve`; user errors are raised as UserError/OSError for `videochat.errors.run_cli` to print."""
     args = build_parser().parse_args(argv)
+    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    if not args.render_only:
+        check_ports_free(endpoints, args.health_port)   # first: it costs nothing, everything after takes seconds
     work_dir = (args.work_dir or DEFAULT_WORK_DIR).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --work-dir {work_dir}: {e.strerror or e}") from None
     try:
         if args.checkpoint is not None:
             checkpoint = args.checkpoint.resolve()
         else:
             demo = (work_dir / "demo-checkpoint") if args.work_dir else (DEFAULT_WORK_DIR.parent / "demo")
             checkpoint = ensure_demo_checkpoint(demo)
-        opts = options_from_args(args, checkpoint)
+        opts = options_from_args(args, checkpoint)   # checks the flag values and that config.json exists
         health = supervisor_options_from_args(args)
+        check_checkpoint_files(checkpoint)           # torch-free: a broken file fails now, not in a stub
         repo = render_repository(opts, work_dir / "model_repository")
         if args.render_only:
             print(repo)
             return 0
         install = find_triton(work_dir)
-    except (LaunchError, ValueError) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
-        return 2
-    return serve(opts, health, install, repo, Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port),
-                 exit_timeout_s=args.exit_timeout_secs)
+    except ValueError as exc:   # RepoOptions validation (ConfigError and the rest are UserErrors already)
+        raise UserError(str(exc)) from None
+    except LaunchError as exc:  # tritonserver missing or its stub cannot be prepared: not a usage error
+        return report(exc, EXIT_FAILURE)
+
+    return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs)
 
 
 def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, endpoints: Endpoints, *,
@@ -193,8 +262,8 @@ def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, end
     try:
         readiness = ReadinessServer(endpoints.host, health.health_port, supervisor.status).start()
     except OSError as exc:
-        print(f"serve: cannot listen on {endpoints.host}:{health.health_port} (--health-port): {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot listen on {endpoints.host}:{health.health_port} (--health-port): "
+                        f"{exc.strerror or exc}") from None
     stopping = []
 
     def on_signal(signum, _frame):  # no locks, no output here: the main thread may hold them
@@ -211,10 +280,9 @@ def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, end
         try:
             server.wait_ready(timeout_s=600)
         except LaunchError as exc:
-            if not stopping:
-                print(f"serve: {exc}", file=sys.stderr)
+            rc = 0 if stopping else report(exc, EXIT_FAILURE)   # say why before the (up to exit-timeout) stop
             server.stop()
-            return 0 if stopping else EXIT_SERVER_DIED
+            return rc
         if not stopping:
             supervisor.start()
         return _supervise(server, supervisor, endpoints, opts, stopping)

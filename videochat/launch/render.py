@@ -14,9 +14,11 @@ from pathlib import Path
 from videochat_client import schema
 
 from videochat.serving.requests import MEDIA_INFO, PIXEL_DIMS, PIXEL_VALUES, REQ_PREFIX
-from videochat.serving.settings import (BATCHING_MODES, DEFAULT_MAX_NEW_TOKENS_LIMIT, DEFAULT_MAX_VIDEO_BYTES,
-                                       DEFAULT_MEDIA_CACHE_MB, DEFAULT_STREAM_INTERVAL_MS, DEFAULT_VISUAL_CACHE_MB,
-                                       DTYPES)
+from videochat.serving.settings import (BATCHING_MODES, DEFAULT_DECODE_ISOLATION, DEFAULT_DECODE_MEMORY_MB,
+                                       DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_NEW_TOKENS_LIMIT,
+                                       DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MEDIA_CACHE_MB, DEFAULT_QUEUE_PER_ACTIVE,
+                                       DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_STREAM_INTERVAL_MS,
+                                       DEFAULT_VISUAL_CACHE_MB, DTYPES)
 
 # model_repository/ is installed as this package's data (pyproject.toml), so `serve` works from any directory.
 SOURCE_REPOSITORY = Path(importlib.import_module("videochat.launch.model_repository").__path__[0])
@@ -38,10 +40,16 @@ class RepoOptions:
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     batching: str = "inflight"              # "inflight" (joins between steps) or "static" (joins an idle batch)
     max_active: int = 0                     # running-batch limit of in-flight batching; 0 = max_batch_size
+    max_queue: int = 0                      # per llm instance: requests waiting beyond the free slots before
+    #                                         new ones get UNAVAILABLE; 0 = DEFAULT_QUEUE_PER_ACTIVE x max_active
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S   # server-side deadline of a request; 0 = none
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed tokens; 0 = every token
     media_cache_mb: int = DEFAULT_MEDIA_CACHE_MB            # preprocessing output cache per instance; 0 = off
     visual_cache_mb: int = DEFAULT_VISUAL_CACHE_MB          # visual-token cache per llm instance; 0 = off
     decode_threads: int = 1                 # CPU in-flight: intra-op threads of a decode step; 0 = torch default
+    decode_isolation: bool = DEFAULT_DECODE_ISOLATION       # preprocessing decodes in a worker process
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S      # ... which may take this long per input
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB        # ... and grow by this much
     # Test/CPU convenience: also serve `videochat_unary` (-> `videochat_llm_unary`, decoupled false) next to
     # the decoupled pair, sharing preprocessing. Costs a second copy of the model, so not for GPUs.
     extra_unary_variant: bool = False
@@ -57,13 +65,26 @@ class RepoOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
-        for name in ("max_active", "stream_interval_ms", "media_cache_mb", "visual_cache_mb", "decode_threads"):
+        for name in ("max_active", "max_queue", "stream_interval_ms", "media_cache_mb", "visual_cache_mb",
+                     "decode_threads", "request_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.decode_timeout_s > 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.decode_memory_mb < 1:
+            raise ValueError(f"decode_memory_mb must be >= 1, got {self.decode_memory_mb}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if not (Path(self.checkpoint) / "config.json").is_file():
             raise ValueError(f"checkpoint {self.checkpoint} has no config.json")
+
+    @property
+    def active_limit(self) -> int:
+        return self.max_active or self.max_batch_size
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue or DEFAULT_QUEUE_PER_ACTIVE * self.active_limit
 
 
 def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE_REPOSITORY) -> Path:
@@ -75,7 +96,9 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
     common = {"max_batch_size": opts.max_batch_size, "max_new_tokens_limit": opts.max_new_tokens_limit}
     _render_model(source / PREPROCESSING, out_dir / PREPROCESSING, {
         **common, "preprocess_instances": opts.preprocess_instances, "max_video_bytes": opts.max_video_bytes,
-        "media_cache_mb": opts.media_cache_mb, **preprocessing_blocks()})
+        "media_cache_mb": opts.media_cache_mb, "decode_isolation": str(opts.decode_isolation).lower(),
+        "decode_timeout_s": opts.decode_timeout_s, "decode_memory_mb": opts.decode_memory_mb,
+        **preprocessing_blocks()})
     variants = [("", opts.decoupled)] + ([(UNARY_SUFFIX, False)] if opts.extra_unary_variant else [])
     for suffix, decoupled in variants:
         _render_model(source / LLM, out_dir / (LLM + suffix), {
@@ -84,7 +107,8 @@ def render_repository(opts: RepoOptions, out_dir: Path, *, source: Path = SOURCE
                                  if opts.max_batch_size > 1 else "# max_batch_size 1: no dynamic batching"),
             "instances": opts.instances, "instance_kind": "KIND_GPU" if opts.device == "cuda" else "KIND_CPU",
             "checkpoint_path": str(Path(opts.checkpoint).resolve()), "dtype": opts.dtype,
-            "batching": opts.batching, "max_active": opts.max_active or opts.max_batch_size,
+            "batching": opts.batching, "max_active": opts.active_limit, "max_queue": opts.queue_limit,
+            "request_timeout_s": opts.request_timeout_s,
             "stream_interval_ms": opts.stream_interval_ms, "visual_cache_mb": opts.visual_cache_mb,
             "decode_threads": opts.decode_threads, **llm_blocks()})
         _render_model(source / ENSEMBLE, out_dir / (ENSEMBLE + suffix), {

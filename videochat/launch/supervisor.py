@@ -89,6 +89,21 @@ class Decision:
 _INSTANCE_IN_ERROR = re.compile(r"(?:Stub process|for model) '([A-Za-z0-9_.-]+?)_\d+_\d+'")
 
 
+# Why a check failed decides whether a reload can help.
+BROKEN = "broken"   # an error answer (a dead or failing worker, a model gone): reload
+SLOW = "slow"       # no answer in time, or no connection: drain first, reload only if it goes on
+BUSY = "busy"       # the server answered "not now" (UNAVAILABLE: queue full, stopping): drain, never reload
+_NO_CONNECTION = re.compile(r"failed to connect|connection refused|socket closed|connection reset|unreachable", re.I)
+
+
+def failure_kind(result: ProbeResult) -> str:
+    if result.code == "DEADLINE_EXCEEDED":
+        return SLOW
+    if result.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        return SLOW if _NO_CONNECTION.search(result.error or "") else BUSY
+    return BROKEN
+
+
 def models_in_error(message: str, models: Iterable[str]) -> frozenset:
     """The models whose instance names (`<model>_<group>_<index>`) appear in a Triton error message."""
     known = set(models)
@@ -100,8 +115,9 @@ class HealthPolicy:
 
     * a dead stub: unready and recover that model at once (a dead stub never comes back by itself);
     * `failures_before_unready` failed checks in a row: unready. An error answer also recovers at once (the
-      models named in the error, else every model); a timeout recovers only after twice as many, because a
-      replica that is just overloaded catches up once the load balancer has drained it;
+      models named in the error, else every model); a timeout (or no connection) recovers only after twice as
+      many, because a replica that is just overloaded catches up once the load balancer has drained it; an
+      UNAVAILABLE answer (backpressure's full queue) never recovers: the server is alive and says so;
     * a successful check: ready (and the failed-recovery count starts again);
     * a failed recovery: stay unready and try again on the next failure; `max_recoveries` in a row: give up;
     * tritonserver gone: give up. SIGTERM (`drain`): not ready, and nothing is decided any more.
@@ -145,7 +161,8 @@ class HealthPolicy:
         if self.consecutive_failures < needed:
             return Decision()
         self._set(Phase.UNREADY, f"{self.consecutive_failures} failed probes in a row: {obs.probe.error}")
-        if obs.probe.timed_out and self.consecutive_failures < 2 * needed:
+        kind = failure_kind(obs.probe)
+        if kind == BUSY or (kind == SLOW and self.consecutive_failures < 2 * needed):
             return Decision()
         return Decision(recover=models_in_error(obs.probe.error or "", self.models) or frozenset(self.models))
 

@@ -5,7 +5,8 @@ Two installations are supported:
 * the PyPI wheel nvidia-pytriton (`site-packages/pytriton/tritonserver`, server 2.51): copied once into a work
   directory, with `python_backend_stubs/<X.Y>/triton_python_backend_stub` put into `backends/python`.
 The stub embeds libpython and takes `sys.prefix` from the first `python3` on PATH, so the environment puts this
-interpreter's LIBDIR on LD_LIBRARY_PATH and its bin directory first on PATH (README, "Serving with Triton").
+interpreter's LIBDIR on LD_LIBRARY_PATH and its bin directory first on PATH (docs/serving.md,
+"python -m videochat serve").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one strict checkpoint loader (spec §9).
+"""The one strict checkpoint loader (docs/model.md, "Checkpoint loading").
 
 * Files: `model.safetensors`, or shards listed in `model.safetensors.index.json`.
 * Names: the explicit `KEY_TABLE` maps official key prefixes to module prefixes; `DROPPED` lists the keys
@@ -8,18 +8,22 @@
 * Memory: the model is built on the meta device; tensors are read lazily one module weight at a time (the
   safetensors file is opened per read, so no mapping of the whole file stays resident), cast, moved and
   assigned, so the weights are never held twice.
-* Errors: one `CheckpointError` listing every missing, unexpected and mis-shaped key by name.
+* Errors: one `CheckpointError` listing every missing, unexpected and mis-shaped key by name; a weight file
+  or index that cannot be read (missing, truncated, not safetensors) is a `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from videochat.errors import UserError
 from videochat.model.config import VideoChatConfig
 
 # official key prefix -> module key prefix (an entry without a trailing "." matches the whole key)
@@ -45,8 +49,13 @@ MODERN_BASE = ".base_layer.weight"                                     # peft >=
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """The checkpoint does not match the model; the message lists every offending key."""
+class CheckpointError(RuntimeError, UserError):
+    """The checkpoint cannot be read or does not match the model; the message lists every offending key.
+    `summary` (if set) is the same on one line with the first few keys of each kind, for command lines."""
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -100,20 +109,39 @@ def checkpoint_index(ckpt_dir: str | os.PathLike) -> dict[str, str]:
     ckpt_dir = os.fspath(ckpt_dir)
     index = os.path.join(ckpt_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+        except OSError as e:
+            raise CheckpointError(f"cannot read {index}: {e.strerror or e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON / no {"weight_map": {k: file}}
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(e).__name__}: {e}") from None
     single = os.path.join(ckpt_dir, SINGLE_FILE)
+    if os.path.exists(single) and not os.path.isfile(single):
+        raise CheckpointError(f"cannot read weight file {single}: not a regular file")
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with open_weights(single) as f:
             return {k: single for k in f.keys()}
     listing = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else "(not a directory)"
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}; found: {listing}")
 
 
+@contextmanager
+def open_weights(path: str) -> Iterator:
+    """`safe_open` of one weight file: the one place weight files are opened, so a file that is missing,
+    truncated or not safetensors at all is a `CheckpointError` naming it (not a SafetensorError traceback)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"cannot read weight file {path}: {why}") from None
+
+
 def read_tensor(path: str, key: str) -> torch.Tensor:
     """One tensor, copied out of the file; the file is closed (unmapped) again right away."""
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with open_weights(path) as f:
         return f.get_tensor(key)
 
 
@@ -176,7 +204,10 @@ def plan_load(model: nn.Module, config: VideoChatConfig, shapes: dict[str, tuple
                 lines.extend(f"    {x}" for x in items[:50])
                 if len(items) > 50:
                     lines.append(f"    ... and {len(items) - 50} more")
-        raise CheckpointError("\n".join(lines))
+        summary = "; ".join(f"{title}: " + ", ".join(items[:3]) + (f", ... (+{len(items) - 3} more)"
+                                                                   if len(items) > 3 else "")
+                            for title, items in problems if items)
+        raise CheckpointError("\n".join(lines), summary=f"checkpoint does not match the model: {summary}")
     return [LoadItem(t, base[t], factors.get(t, {}).get("A"), factors.get(t, {}).get("B")) for t in expected]
 
 
@@ -184,7 +215,7 @@ def stored_shapes(index: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """Official key -> shape, read from the safetensors headers only."""
     shapes = {}
     for path in sorted(set(index.values())):
-        with safe_open(path, framework="pt") as f:
+        with open_weights(path) as f:
             for k in f.keys():
                 if index.get(k) == path:
                     shapes[k] = tuple(f.get_slice(k).get_shape())
@@ -239,8 +270,9 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def official_stored_dtype(key: str) -> torch.dtype:
-    """Stored dtype of an official key (spec §9): LLM base weights bf16, LoRA A/B and everything else float32,
-    the QFormer `position_ids` int64. Used by the memory benchmark to write a full-size synthetic checkpoint."""
+    """Stored dtype of an official key (docs/model.md, "Checkpoint loading"): LLM base weights bf16, LoRA A/B
+    and everything else float32, the QFormer `position_ids` int64. Used by the memory benchmark to write a
+    full-size synthetic checkpoint."""
     if key.endswith("position_ids"):
         return torch.int64
     if key.startswith("lm.") and ".lora_" not in key:

@@ -1,9 +1,9 @@
 """Model configuration: frozen dataclasses whose defaults are the real InternVideo2-Chat-8B-HD.
 
-`VideoChatConfig.from_json(path)` reads the official `config.json` (schema of spec §3). The official file
-leaves most dimensions implicit; the optional *extension fields* (the tiny fixture and the demo checkpoint
-set them) override any dimension, and every missing field takes the real model's value, so the real
-checkpoint's `config.json` works unchanged. No network, no transformers import at module import.
+`VideoChatConfig.from_json(path)` reads the official `config.json` (docs/model.md, "Reference architecture").
+The official file leaves most dimensions implicit; the optional *extension fields* (the tiny fixture and the
+demo checkpoint set them) override any dimension, and every missing field takes the real model's value, so the
+real checkpoint's `config.json` works unchanged. No network, no transformers import at module import.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from videochat.errors import UserError
+
 LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
-class ConfigError(ValueError):
-    """An inconsistent or unreadable model config (the message names both numbers)."""
+class ConfigError(ValueError, UserError):
+    """An inconsistent or unreadable model config (the message names both numbers, or the file)."""
 
 
 def _check(cond: bool, what: str, got: Any, expected: Any) -> None:
@@ -27,7 +29,8 @@ def _check(cond: bool, what: str, got: Any, expected: Any) -> None:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """InternVideo2-1B ViT ("clean" variant, spec §2.1). Blocks built = depth + x_vis_return_idx + 1."""
+    """InternVideo2-1B ViT ("clean" variant; docs/model.md, "Reference architecture").
+    Blocks built = depth + x_vis_return_idx + 1."""
     img_size: int = 224
     patch_size: int = 14
     in_chans: int = 3
@@ -73,7 +76,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class QFormerConfig:
-    """BLIP-2 style BERT QFormer (bert-base-uncased + cross-attention, spec §2.3)."""
+    """BLIP-2 style BERT QFormer (bert-base-uncased + cross-attention; docs/model.md, "Reference architecture")."""
     vocab_size: int = 30522          # BERT vocab before "[DEC]"
     word_embeddings_rows: int = 30523  # vocab_size + 1 ("[DEC]" added as bos_token)
     hidden_size: int = 768
@@ -110,7 +113,8 @@ class QFormerConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Mistral-7B-Instruct-v0.3 (public config values) + the LoRA the checkpoint stores (spec §2.5)."""
+    """Mistral-7B-Instruct-v0.3 (public config values) + the LoRA the checkpoint stores (docs/model.md,
+    "Reference architecture")."""
     vocab_size: int = 32768
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -138,7 +142,8 @@ class LLMConfig:
         return self.lora_alpha / self.lora_r
 
     def mistral_config(self, attn_implementation: str = "sdpa"):
-        """The transformers `MistralConfig` (imported lazily: the package import stays torch-free)."""
+        """The same model as a transformers `MistralConfig`: the tests' reference (`MistralForCausalLM` with our
+        weights must give our logits). Imported lazily: the package import stays torch-free."""
         from transformers import MistralConfig
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("use_lora", "lora_r", "lora_alpha", "lora_target_modules", "tokenizer_path")}
@@ -185,9 +190,16 @@ class VideoChatConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from None
-        return cls.from_dict(raw)
+        except OSError as e:
+            raise ConfigError(f"cannot read model config {path}: {e.strerror or e}") from None
+        except ValueError as e:  # JSONDecodeError, or not UTF-8 text at all (a weights file given as config)
+            raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model config {path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, AttributeError) as e:  # a field of the wrong JSON type (e.g. "depth": "40")
+            raise ConfigError(f"model config {path}: a field has the wrong type: {e}") from None
 
     @classmethod
     def from_dict(cls, raw: dict) -> "VideoChatConfig":

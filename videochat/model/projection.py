@@ -1,4 +1,5 @@
-"""QFormer -> LLM projection and the merge of visual tokens into the text embeddings (spec §2.4, §4 steps 5-6).
+"""QFormer -> LLM projection and the merge of visual tokens into the text embeddings (docs/model.md,
+"Reference architecture").
 
 `project_up` maps each of the 96 query outputs of a view to the LLM width. The prompt holds 96 placeholder
 positions per view (id 0); the k-th block of 96 placeholders, in text order, receives view k (HD tiles

@@ -1,12 +1,14 @@
-"""BLIP-2 style BERT QFormer (spec §2.3, §4.4), plain torch with the official parameter names.
+"""BLIP-2 style BERT QFormer (docs/model.md, "Reference architecture"), plain torch with the official
+parameter names.
 
 96 learned queries (kept outside, see `model.py`) are LayerNorm-ed (no word/position embedding), attend to
 each other (and to optional instruction tokens appended after them) bidirectionally, cross-attend to the
 visual tokens in layers `i % cross_attention_freq == 0`, and go through the query FFN; instruction tokens
 use the text FFN. Only the query outputs are used downstream.
 
-Batching (quirk Q15): instructions of different lengths are **right**-padded and masked, and each row's text
-positions start at 0, so a request's result does not depend on its batch-mates (the reference left-pads).
+Batching (docs/model.md, quirk Q15): instructions of different lengths are **right**-padded and masked, and
+each row's text positions start at 0, so a request's result does not depend on its batch-mates (the reference
+left-pads).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`VideoChatModel`: ViT -> vision_layernorm -> QFormer -> project_up, and the Mistral LLM (spec §1, §4).
+"""`VideoChatModel`: ViT -> vision_layernorm -> QFormer -> project_up, and the Mistral LLM (docs/model.md,
+"Reference architecture").
 
 Built on the meta device and filled by the strict loader (`checkpoint.py`); fp32 on CPU, bf16 on CUDA.
 Generation (prompt, KV cache, decoding) lives one layer up, in `videochat.runtime`.
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from videochat.model import llm
 from videochat.model.checkpoint import CheckpointError, load_checkpoint
 from videochat.model.config import VideoChatConfig
 from videochat.model.projection import ProjectUp
@@ -28,13 +30,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class VideoChatModel(nn.Module):
-    """Attributes: `config`, `llm` (transformers MistralForCausalLM, LoRA merged), `tokenizer` (slow Llama),
-    `qformer_tokenizer` (lazy), `device`, `dtype`."""
+    """Attributes: `config`, `llm` (`videochat.llm.MistralForCausalLM`, LoRA merged), `tokenizer` (the slow
+    Llama tokenizer's ids, `videochat.tokenization`), `qformer_tokenizer` (lazy), `device`, `dtype`."""
 
     def __init__(self, config: VideoChatConfig):
         super().__init__()
-        from transformers import MistralForCausalLM
-
         v, q = config.vision, config.qformer
         self.config = config
         self.vision_encoder = VisionEncoder(v)
@@ -43,7 +43,7 @@ class VideoChatModel(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_token, q.hidden_size))
         self.extra_query_tokens = nn.Parameter(torch.zeros(1, q.extra_num_query_token, q.hidden_size))
         self.project_up = ProjectUp(q.hidden_size, config.llm.hidden_size)
-        self.llm = MistralForCausalLM(config.llm.mistral_config("sdpa"))
+        self.llm = llm.build_llm(config.llm)
         self.tokenizer = None
         self.checkpoint_dir: str | None = None
         self._qformer_tokenizer = None
@@ -70,8 +70,7 @@ class VideoChatModel(nn.Module):
 
     def _init_non_persistent_buffers(self, device: torch.device) -> None:
         """Buffers not stored in checkpoints (Mistral rotary `inv_freq`) are rebuilt on the real device."""
-        rotary = self.llm.model.rotary_emb
-        self.llm.model.rotary_emb = type(rotary)(config=self.llm.config, device=device)
+        llm.init_non_persistent_buffers(self.llm, device)
         still_meta = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if still_meta:
             raise CheckpointError(f"tensors left uninitialised after loading: {still_meta[:20]}")
@@ -156,4 +155,4 @@ class VideoChatModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ text
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [..., L] -> [..., L, H_llm]
-        return self.llm.get_input_embeddings()(input_ids.to(self.device))
+        return llm.embed(self.llm, input_ids.to(self.device))

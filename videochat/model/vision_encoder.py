@@ -1,4 +1,4 @@
-"""InternVideo2-1B vision transformer, the "clean" inference variant (spec §2.1).
+"""InternVideo2-1B vision transformer, the "clean" inference variant (docs/model.md, "Reference architecture").
 
 Pre-norm blocks with RMSNorm, qk-norm over all heads jointly, layer scale and exact GELU. The cls token is
 kept and no final norm is applied: the output is that of block `depth + x_vis_return_idx` (39 of 40).

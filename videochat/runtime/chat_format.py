@@ -1,4 +1,4 @@
-"""The official InternVideo2-Chat prompt and its tokenisation (spec §5, quirks Q1–Q4, Q17).
+"""The official InternVideo2-Chat prompt and its tokenisation (docs/model.md, "Chat format", quirks Q1–Q4, Q17).
 
 The reference `chat()` builds one string and `build_input_ids` tokenises it piecewise. Reproduced exactly:
 
@@ -90,7 +90,7 @@ def normalize_history(history: Sequence[Sequence[str]] | None) -> History:
 
 def build_conversation(*, media_type: MediaType | str, num_clips: int, prompt: str, history: History = (),
                        msg: str = "", instruction: str | None = None, answer_prompt: str | None = None) -> str:
-    """The exact prompt string of the reference `chat()` (spec §5)."""
+    """The exact prompt string of the reference `chat()` (docs/model.md, "Chat format")."""
     media_type = MediaType(media_type)
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")

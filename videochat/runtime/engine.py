@@ -11,7 +11,7 @@ pending next-token logits per row — and three operations:
 
 A row's tokens do not depend on when it joined or on its batch-mates: its positions continue from its own
 count (`cumsum(mask) - 1` at prefill, +1 per step) and the padding columns are masked out, so the only
-difference to running alone is floating-point reduction order (see the README, "The generation engine").
+difference to running alone is floating-point reduction order (docs/model.md, "The generation engine").
 
 The engine is not thread-safe: drive it from one thread. After an exception other than `add`'s ValueError
 (e.g. out of memory in a forward) the batch state is undefined; build a new engine.
@@ -23,19 +23,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
+from videochat.model import llm
 from videochat.runtime.chat_format import TokenizedPrompt, build_prompt
 from videochat.runtime.batch import eos_token_ids, left_pad, positions_from_mask, tokens_per_clip
 from videochat.runtime.detokenize import IncrementalDetokenizer
 from videochat.runtime.sampling import MIN_NEW_TOKENS, apply_repetition_penalty, make_generator, sample_token
 from videochat.runtime.types import ChatRequest, FinishReason, TokenEvent
 from videochat.runtime.visual_cache import VisualCache, VisualKey
-
-# the sequence axis of a KV tensor [B, kv_heads, S, head_dim]
-KV_SEQ_DIM = 2
-
 
 # --------------------------------------------------------------------------------------------- per-request state
 
@@ -83,13 +78,14 @@ def make_slots(model, requests: Sequence[ChatRequest], handles: Sequence[int]) -
 class _Batch:
     """The running batch's tensors; row r belongs to the r-th slot.
 
-    cache: DynamicCache, each layer's keys/values [B, kv_heads, S, head_dim] (left-padded with zeros)
+    cache: the LLM's KV cache (`videochat.llm`), each layer's keys/values [B, kv_heads, S, head_dim] (left-padded
+           with zeros)
     mask: [B, S] long, 0 on padding columns
     next_position: [B] long, the position id of each row's next token (= its own token count)
     logits: [B, V] float32, the pending distribution of each row's next token
     """
 
-    cache: DynamicCache
+    cache: object
     mask: torch.Tensor
     next_position: torch.Tensor
     logits: torch.Tensor
@@ -99,31 +95,17 @@ class _Batch:
         return int(self.mask.shape[0])
 
 
-def _check_full_attention(cache: DynamicCache) -> None:
-    # a sliding-window layer keeps only the last W columns per batch, which left-padding merges would break
-    if any(layer.is_sliding for layer in cache.layers):
-        raise NotImplementedError("sliding-window attention is not supported by the continuous-batching engine")
-
-
-def _left_pad_seq(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zeros on the left of axis `dim` up to `length`."""
-    missing = length - x.shape[dim]
-    if missing == 0:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - dim) + [missing, 0]   # F.pad lists the last axis first
-    return F.pad(x, pad)
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero columns on the left of a [B, S] mask up to `length`."""
+    return torch.nn.functional.pad(mask, [length - mask.shape[1], 0])
 
 
 def merge_batches(a: _Batch, b: _Batch) -> _Batch:
     """Rows of `a` then rows of `b`. The shorter side is left-padded with zeros (KV) and zero mask columns, so
     every row keeps its own tokens right-aligned; positions are per row and need no change. Reuses a.cache."""
     length = max(a.mask.shape[1], b.mask.shape[1])
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([_left_pad_seq(la.keys, length, KV_SEQ_DIM),
-                             _left_pad_seq(lb.keys, length, KV_SEQ_DIM)])
-        la.values = torch.cat([_left_pad_seq(la.values, length, KV_SEQ_DIM),
-                               _left_pad_seq(lb.values, length, KV_SEQ_DIM)])
-    return _Batch(cache=a.cache, mask=torch.cat([_left_pad_seq(a.mask, length, 1), _left_pad_seq(b.mask, length, 1)]),
+    return _Batch(cache=llm.merge_caches(a.cache, b.cache, length),
+                  mask=torch.cat([_left_pad_mask(a.mask, length), _left_pad_mask(b.mask, length)]),
                   next_position=torch.cat([a.next_position, b.next_position]),
                   logits=torch.cat([a.logits, b.logits]))
 
@@ -136,58 +118,32 @@ def select_rows(batch: _Batch, rows: Sequence[int]) -> _Batch:
     keep = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
     mask = batch.mask[keep]
     first = int(mask.any(dim=0).int().argmax())   # first column some kept row attends to
-    for layer in batch.cache.layers:
-        layer.keys = layer.keys[keep, :, first:]
-        layer.values = layer.values[keep, :, first:]
-    return _Batch(cache=batch.cache, mask=mask[:, first:], next_position=batch.next_position[keep],
-                  logits=batch.logits[keep])
-
-
-def additive_attention_mask(mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S] 0/1 padding mask -> [B, 1, q, S] additive mask (0 = attend, dtype's min = masked), causal over
-    the last `query_len` positions, as transformers would build it.
-
-    Why build it here: transformers 4.57 builds the mask of a padded batch with `vmap` on every call, which on
-    CPU cost more than the whole decode step of the demo model (batch 16: ~4 ms of a ~10 ms step); broadcasting
-    is ~free. A query row with no key at all (left padding during prefill) attends to every key so it stays
-    finite: no real position reads a padded one, so real positions are unchanged."""
-    length = mask.shape[1]
-    keys = torch.arange(length, device=mask.device)
-    queries = torch.arange(length - query_len, length, device=mask.device)
-    allowed = (keys[None, :] <= queries[:, None])[None, None] & mask.bool()[:, None, None, :]
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed,
-                                                                                     torch.finfo(dtype).min)
+    return _Batch(cache=llm.select_cache_rows(batch.cache, rows, first), mask=mask[:, first:],
+                  next_position=batch.next_position[keep], logits=batch.logits[keep])
 
 
 def forward_last_logits(model, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-    """One LLM call over [B, L, H] (prefill) or [B, 1, H] (decode); returns last-position logits [B, V] float32.
-    Without padding the 2D mask goes as is (transformers then takes its causal fast path)."""
-    if not bool(attention_mask.all()):
-        attention_mask = additive_attention_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
-    out = model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :].float()
+    """One LLM call over [B, L, H] (prefill) or [B, 1, H] (decode); returns last-position logits [B, V] float32."""
+    return llm.forward_last_logits(model.llm, inputs_embeds, attention_mask, position_ids, cache)
 
 
 def prefill(model, slots: Sequence[_Slot], visual: Sequence[torch.Tensor]) -> _Batch:
     """Text embeddings with each request's visual tokens [clips*96, H] merged in, left-padded among the new
     requests ([B, L_max, H] + mask [B, L_max], positions `cumsum(mask) - 1`), one LLM pass into a fresh cache."""
     from videochat.model.projection import merge_visual_tokens
-    embed = model.llm.get_input_embeddings()
-    embeds = [merge_visual_tokens(embed(s.prompt.input_ids.to(model.device)),
+    embeds = [merge_visual_tokens(llm.embed(model.llm, s.prompt.input_ids.to(model.device)),
                                   s.prompt.placeholder_mask.to(model.device), v)
               for s, v in zip(slots, visual)]
     inputs_embeds, mask = left_pad(embeds)
     positions = positions_from_mask(mask)
-    cache = DynamicCache(config=model.llm.config)
+    cache = llm.new_cache(model.llm)
     logits = forward_last_logits(model, inputs_embeds, mask, positions, cache)
     return _Batch(cache=cache, mask=mask, next_position=positions[:, -1] + 1, logits=logits)
 
 
 def decode(model, batch: _Batch, tokens: Sequence[int]) -> _Batch:
     """Feed one token per row ([B, 1, H] + a mask column + per-row positions); new pending logits."""
-    token_embeds = model.llm.get_input_embeddings()(torch.tensor(list(tokens), device=model.device))  # [B, H]
+    token_embeds = llm.embed(model.llm, torch.tensor(list(tokens), device=model.device))  # [B, H]
     mask = torch.cat([batch.mask, batch.mask.new_ones(batch.size, 1)], dim=1)
     logits = forward_last_logits(model, token_embeds[:, None, :], mask, batch.next_position[:, None], batch.cache)
     return _Batch(cache=batch.cache, mask=mask, next_position=batch.next_position + 1, logits=logits)
@@ -231,7 +187,7 @@ class GenerationEngine:
     """
 
     def __init__(self, model, *, visual_cache: VisualCache | None = None):
-        _check_full_attention(DynamicCache(config=model.llm.config))
+        llm.check_full_attention(model.llm)
         self.model = model
         self.visual_cache = visual_cache
         self._eos_ids = eos_token_ids(model)

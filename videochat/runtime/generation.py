@@ -1,12 +1,12 @@
 """The fixed-batch API over the continuous-batching engine (`videochat.runtime.engine.GenerationEngine`, where
 requests join and leave between decode steps). `generate_stream(model, requests)` adds all requests to one engine and
 yields one `TokenEvent | None` per request per step; `generate(model, requests)` is the non-streaming
-wrapper. Equivalence with the reference (batch size 1, HF `generate`, spec §6, quirks Q5, Q6, Q14, Q16):
+wrapper. Equivalence with the reference (batch size 1, HF `generate`; docs/model.md, quirks Q5, Q6, Q14, Q16):
 
 * prompts are left-padded with an attention mask and position ids `cumsum(mask) - 1`, as HF `generate` does,
   so a request's tokens do not depend on its batch-mates (tested token for token);
 * greedy is `argmax` of the float32 logits; EOS is masked at a request's first step (the `min_length=1`
-  quirk of the transformers version the reference ran on, Q6);
+  quirk of the transformers version the reference ran on, docs/model.md quirk Q6);
 * sampling follows HF's processor order (repetition penalty over generated ids, temperature, top-k, top-p)
   with one `torch.Generator` per request, so a seeded request samples the same tokens in any batch;
 * text is decoded like `batch_decode(skip_special_tokens=True)` with the slow tokenizer; the streamed deltas

@@ -1,9 +1,9 @@
 """An LRU cache of visual tokens (ViT + QFormer + project_up output), bounded by bytes.
 
-A follow-up question about the same video re-sends the whole media block (quirk Q3), so without a cache every
-turn pays the full vision pass again. The key is `(media_key, media_type, instruction)`: `media_key` is a
-content hash of the input bytes + preprocessing options that the server computes; the instruction is part of
-the key because it also conditions the QFormer. A request without a `media_key` is never cached.
+A follow-up question about the same video re-sends the whole media block (docs/model.md, quirk Q3), so
+without a cache every turn pays the full vision pass again. The key is `(media_key, media_type, instruction)`:
+`media_key` is a content hash of the input bytes + preprocessing options that the server computes; the
+instruction is part of the key because it also conditions the QFormer. A request without a `media_key` is never cached.
 """
 from __future__ import annotations
 

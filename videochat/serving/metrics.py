@@ -26,6 +26,13 @@ class _Family:
         self.families.append(family)
         return family.Metric(labels=self.labels, **kwargs)
 
+    def labelled(self, name: str, description: str, kind: str, label: str, values: tuple[str, ...]) -> dict:
+        """One family, one metric per value of an extra label."""
+        family = self.pb.MetricFamily(name=name, description=description,
+                                      kind=getattr(self.pb.MetricFamily, kind))
+        self.families.append(family)
+        return {v: family.Metric(labels={**self.labels, label: v}) for v in values}
+
 
 class Mirror:
     """Cumulative plain counters -> Prometheus counters (increment by the delta) and gauges (set)."""
@@ -80,6 +87,14 @@ class LLMMetrics:
         self.peak_active = g.metric("videochat_active_sequences_peak", "Largest running batch since start",
                                     "GAUGE")
         self.queued = g.metric("videochat_queued_requests", "Requests waiting to join the running batch", "GAUGE")
+        self.queue_limit = g.metric("videochat_queue_limit",
+                                    "Requests that may wait beyond the free slots (--max-queue)", "GAUGE")
+        self.overloaded = g.metric("videochat_requests_overloaded_total",
+                                   "Requests refused with UNAVAILABLE because the queue was full", "COUNTER")
+        # stage "queued": never started; "running": stopped mid-generation, its slot freed
+        self.deadline_exceeded = g.labelled("videochat_requests_deadline_exceeded_total",
+                                            "Requests ended by their deadline (client timeout_ms or "
+                                            "--request-timeout-s)", "COUNTER", "stage", ("queued", "running"))
         self.joins = g.metric("videochat_inflight_joins_total",
                               "Requests that joined while other sequences were mid-generation", "COUNTER")
         self.steps = g.metric("videochat_decode_steps_total", "Decode steps of the running batch", "COUNTER")
@@ -114,6 +129,10 @@ class LLMMetrics:
         self.mirror.gauge(self.active, lambda: scheduler.num_active)
         self.mirror.gauge(self.queued, lambda: scheduler.num_queued)
         self.mirror.gauge(self.peak_active, lambda: s.peak_active)
+        self.mirror.gauge(self.queue_limit, lambda: scheduler.max_queue or 0)
+        self.mirror.counter(self.overloaded, lambda: s.overloaded)
+        self.mirror.counter(self.deadline_exceeded["queued"], lambda: s.expired_queued)
+        self.mirror.counter(self.deadline_exceeded["running"], lambda: s.expired_running)
         self.mirror.counter(self.joins, lambda: s.joins)
         self.mirror.counter(self.steps, lambda: s.steps)
         self.mirror.counter(self.step_sequences, lambda: s.step_sequences)
@@ -142,3 +161,12 @@ class PreprocessMetrics:
                             lambda: cache.misses)
         self.mirror.gauge(f.metric("videochat_media_cache_bytes", "Bytes held by the media cache", "GAUGE"),
                           lambda: cache.bytes)
+
+    def watch_decode_pool(self, stats: Any) -> None:
+        """Decode isolation (decode_worker.PoolStats): inputs that crashed, hung or exhausted a worker."""
+        for name, attr, what in (
+                ("videochat_decode_worker_crashes_total", "crashes", "Decode worker died on an input"),
+                ("videochat_decode_worker_timeouts_total", "timeouts", "Decode worker killed at the time limit"),
+                ("videochat_decode_worker_oom_total", "out_of_memory", "Decode worker hit its memory limit"),
+                ("videochat_decode_worker_restarts_total", "restarts", "Decode workers replaced")):
+            self.mirror.counter(self._f.metric(name, what, "COUNTER"), lambda attr=attr: getattr(stats, attr))

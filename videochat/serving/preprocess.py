@@ -7,6 +7,7 @@ MEDIA_INFO, where videochat_llm uses it for the engine's cache of visual tokens 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import numpy as np
 
@@ -16,6 +17,11 @@ from videochat.serving.requests import (MEDIA_INFO, PIXEL_VALUES, RESOLUTION, Ge
                                         parse_chat_fields, parse_media_options, video_bytes)
 from videochat.serving.settings import PreprocessSettings
 from videochat_client.schema import LIMITS
+
+
+# (bytes, options, media_key, max_bytes) -> (PIXEL_VALUES, MEDIA_INFO); raises RequestError for bad input.
+# `decode_media` runs in this process; videochat.serving.decode_worker.DecodePool.decode in a worker process.
+Decode = Callable[[bytes, MediaOptions, str, int], tuple[np.ndarray, bytes]]
 
 
 def media_key(data: bytes, opts: MediaOptions) -> str:
@@ -37,9 +43,9 @@ class MediaCache(ByteLRU[str, tuple[np.ndarray, bytes]]):
         super().put(key, (pixels, info))
 
 
-def preprocess_request(get: Getter, settings: PreprocessSettings,
-                       cache: MediaCache | None = None) -> dict[str, np.ndarray]:
-    """Check the chat fields first (cheap), then decode (or take the cached result).
+def preprocess_request(get: Getter, settings: PreprocessSettings, cache: MediaCache | None = None,
+                       decode: Decode | None = None) -> dict[str, np.ndarray]:
+    """Check the chat fields first (cheap), then decode (or take the cached result: a hit never decodes).
     PIXEL_VALUES: fp16 [1, clips, T, 3, 224, 224]; MEDIA_INFO: JSON metadata + media_type + media_key."""
     chat = parse_chat_fields(get, max_new_tokens_limit=settings.max_new_tokens_limit)
     opts = parse_media_options(get)
@@ -53,7 +59,7 @@ def preprocess_request(get: Getter, settings: PreprocessSettings,
     if cached is not None:
         pixels, info = cached
     else:
-        pixels, info = _decode(data, opts, key, max_bytes=settings.max_video_bytes)
+        pixels, info = (decode or decode_media)(data, opts, key, settings.max_video_bytes)
         if cache is not None and cache.max_bytes > 0:
             cache.put(key, pixels, info)
     out = {PIXEL_VALUES: pixels, MEDIA_INFO: np.array([[info]], dtype=np.object_)}
@@ -61,16 +67,18 @@ def preprocess_request(get: Getter, settings: PreprocessSettings,
     return out
 
 
-def warm_up(settings: PreprocessSettings) -> None:
-    """Decode a tiny built-in image once, without the cache. The decoder's imports (torch, PyAV) otherwise land
-    on an instance's first request: measured 6-8 s on 2 busy cores, at every start and every reload."""
+def warm_up(settings: PreprocessSettings, decode: Decode | None = None) -> None:
+    """Decode a tiny built-in image once, without the cache, so a freshly loaded instance is warm: decoding in this
+    process, the decoder's imports (torch, PyAV) otherwise land on the first request (measured 6-8 s on 2 busy
+    cores, at every start and every reload); with the worker pool it checks the worker decodes."""
     from videochat_client.probe import PROBE_IMAGE, PROBE_PROMPT
     preprocess_request(getter_from_mapping({"VIDEO": np.array([[PROBE_IMAGE]], dtype=np.object_),
                                             "PROMPT": np.array([[PROBE_PROMPT.encode()]], dtype=np.object_),
-                                            "IMAGE": np.array([[True]])}), settings)
+                                            "IMAGE": np.array([[True]])}), settings, decode=decode)
 
 
-def _decode(data: bytes, opts: MediaOptions, key: str, *, max_bytes: int) -> tuple[np.ndarray, bytes]:
+def decode_media(data: bytes, opts: MediaOptions, key: str, max_bytes: int) -> tuple[np.ndarray, bytes]:
+    """Decode in this process: bytes -> fp16 PIXEL_VALUES [1, clips, T, 3, R, R] + MEDIA_INFO JSON."""
     from preprocessing import Limits, VideoDecodeError, preprocess
 
     # The library's limits, with the two the API also bounds set to the API's values (one source each).

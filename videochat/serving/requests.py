@@ -1,6 +1,6 @@
 """Request tensors -> validated plain values (the one place that knows the public request fields).
 
-Flow through the ensemble (see docs/interfaces.md for the public table):
+Flow through the ensemble (see docs/serving.md for the public table):
 
     client inputs (lower case, most optional)
       -> preprocessing: `parse_media_options` + `normalize_chat_fields` (defaults filled, values checked)
@@ -37,10 +37,31 @@ class RequestError(ValueError):
     """A client error: the message goes back as INVALID_ARGUMENT."""
 
 
+def client_message(code: str, text: object) -> str:
+    """A client-facing error message, prefixed with its code's name (schema.ERROR_PREFIXES) for streaming
+    callers: an error inside a gRPC stream reaches them as a message without a status code."""
+    return schema.ERROR_PREFIXES[code] + str(text)
+
+
 def invalid_argument(exc: Exception) -> str:
-    """Client-facing message of a RequestError. The "invalid argument: " prefix is there for streaming callers:
-    an error inside a gRPC stream reaches them as a message without a status code."""
-    return f"invalid argument: {exc}"
+    """Client-facing message of a RequestError."""
+    return client_message("INVALID_ARGUMENT", exc)
+
+
+def parse_timeout_ms(raw_parameters: str | None) -> int | None:
+    """The client's time budget from the request `parameters` (the python backend gives them as one JSON
+    object), None when absent. Triton keeps the type the client sent: it must be a positive integer."""
+    try:
+        params = json.loads(raw_parameters) if raw_parameters else {}
+    except json.JSONDecodeError:
+        raise RequestError("request parameters are not JSON") from None
+    value = params.get(schema.TIMEOUT_MS_PARAMETER) if isinstance(params, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(f"parameter {schema.TIMEOUT_MS_PARAMETER} must be a positive integer (milliseconds), "
+                           f"got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

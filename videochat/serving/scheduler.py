@@ -11,6 +11,12 @@
   (ValueError = the client's request: INVALID_ARG; anything else: INTERNAL).
 * step: `engine.step()` gives one event per active request; events go through each job's coalescer to its sink.
 * cancel: `job.is_cancelled()` is checked before every step; `engine.cancel(handle)` gives the final event.
+* backpressure: at most `max_queue` jobs wait beyond the free slots; one more is refused at once with
+  UNAVAILABLE ("server overloaded ..."), so a flood costs the replica nothing but the refusals.
+* deadlines: a job's deadline is the earlier of the client's `timeout_ms` and the server's `request_timeout_s`,
+  counted from `submit`. Checked on the scheduler's clock before every step (no IPC, so it also works where
+  Triton does not pass a client's cancel into a running ensemble step): a queued job past it is never
+  encoded, a running one leaves the batch; both end with a DEADLINE_EXCEEDED error.
 * errors: an exception in a step fails every active job with INTERNAL, replaces the engine (factory) and the
   loop goes on serving the queue.
 * exactly one final response per job, whatever happens (`stop()` fails the leftovers with UNAVAILABLE).
@@ -31,8 +37,9 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from videochat.serving.llm import StreamCoalescer, output_arrays
+from videochat.serving.requests import client_message
 
-INVALID_ARG, INTERNAL, UNAVAILABLE = "invalid_arg", "internal", "unavailable"
+INVALID_ARG, INTERNAL, UNAVAILABLE, DEADLINE = "invalid_arg", "internal", "unavailable", "deadline_exceeded"
 IDLE_WAIT_S = 0.5          # the loop sleeps at most this long without work (and re-checks stop)
 
 
@@ -70,6 +77,22 @@ class BlockingSink:
         return self._done.wait(timeout_s)
 
 
+@dataclass(frozen=True)
+class Deadline:
+    at: float           # on the scheduler's clock
+    what: str           # whose budget, for the message
+
+
+def deadline_for(now: float, *, timeout_ms: int | None, request_timeout_s: float) -> Deadline | None:
+    """The earlier of the client's budget and the server's request timeout (0 = none); None if neither."""
+    budgets = []
+    if timeout_ms is not None:
+        budgets.append(Deadline(now + timeout_ms / 1000.0, f"the client's timeout_ms={timeout_ms}"))
+    if request_timeout_s > 0:
+        budgets.append(Deadline(now + request_timeout_s, f"the server's request timeout ({request_timeout_s:g} s)"))
+    return min(budgets, key=lambda d: d.at, default=None)
+
+
 @dataclass
 class Job:
     """One request inside the scheduler. `chat_request` is a videochat ChatRequest (opaque here)."""
@@ -77,8 +100,14 @@ class Job:
     sink: Sink
     is_cancelled: Callable[[], bool] = lambda: False
     coalescer: StreamCoalescer | None = None
+    timeout_ms: int | None = None           # the client's budget (request parameter), counted from submit
     handle: int | None = None
     done: bool = False
+    submitted_at: float = 0.0
+    deadline: Deadline | None = None        # set by submit
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline.at
 
 
 @dataclass
@@ -91,6 +120,9 @@ class SchedulerStats:
     peak_active: int = 0
     cancelled: int = 0
     rejected: int = 0
+    overloaded: int = 0         # refused at submit: the queue was full (UNAVAILABLE)
+    expired_queued: int = 0     # deadline passed while queued: never started
+    expired_running: int = 0    # deadline passed mid-generation: stopped, slot freed
     failed: int = 0
     engine_resets: int = 0
     add_s: float = 0.0          # time in engine.add (vision + prefill of newcomers)
@@ -103,14 +135,21 @@ class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine], *, max_active: int, stream_interval_ms: float = 0.0,
                  clock: Callable[[], float] = time.monotonic, log_error: Callable[[str], None] = lambda m: None,
                  on_progress: Callable[["Scheduler"], None] | None = None,
-                 cancel_check_interval_ms: float = 0.0, join_running: bool = True) -> None:
+                 cancel_check_interval_ms: float = 0.0, join_running: bool = True,
+                 max_queue: int | None = None, request_timeout_s: float = 0.0) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (None = unbounded), got {max_queue}")
+        if request_timeout_s < 0:
+            raise ValueError(f"request_timeout_s must be >= 0, got {request_timeout_s}")
         if stream_interval_ms < 0:
             raise ValueError(f"stream_interval_ms must be >= 0, got {stream_interval_ms}")
         self._factory = engine_factory
         self.engine = engine_factory()
         self.max_active = max_active
+        self.max_queue = max_queue              # jobs waiting beyond the free slots; None = unbounded
+        self.request_timeout_s = request_timeout_s
         self.join_running = join_running
         self.interval_s = stream_interval_ms / 1000.0
         self.clock = clock
@@ -128,15 +167,33 @@ class Scheduler:
 
     # -- called from execute() -------------------------------------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue the jobs; one that finds the queue full (or the scheduler stopping) is refused at once."""
+        now = self.clock()
+        refused = []
         with self._cv:
             for job in jobs:
                 if job.coalescer is None:
                     job.coalescer = StreamCoalescer(self.interval_s, clock=self.clock)
+                job.submitted_at = now
+                job.deadline = deadline_for(now, timeout_ms=job.timeout_ms, request_timeout_s=self.request_timeout_s)
                 if self._stopping:
-                    _fail(job, "server is shutting down", UNAVAILABLE)
+                    refused.append((job, "server is shutting down"))
+                elif self._queue_full():
+                    self.stats.overloaded += 1
+                    refused.append((job, f"server overloaded: {len(self._queue)} requests waiting "
+                                         f"(max_queue {self.max_queue}); retry later or elsewhere"))
                 else:
                     self._queue.append(job)
             self._cv.notify()
+        for job, why in refused:
+            _fail(job, client_message("UNAVAILABLE", why), UNAVAILABLE)
+
+    def _queue_full(self) -> bool:
+        """Waiting beyond the free slots: a burst into an idle scheduler is not refused before it is admitted."""
+        if self.max_queue is None:
+            return False
+        free = max(0, self.max_active - len(self._active))
+        return len(self._queue) >= self.max_queue + free
 
     @property
     def num_active(self) -> int:
@@ -164,7 +221,7 @@ class Scheduler:
             self._queue.clear()
             self._active.clear()
         for job in leftovers:
-            _fail(job, "server is shutting down", UNAVAILABLE)
+            _fail(job, client_message("UNAVAILABLE", "server is shutting down"), UNAVAILABLE)
 
     def _run(self) -> None:
         while True:
@@ -180,7 +237,10 @@ class Scheduler:
                 self._reset(f"scheduler failed: {type(exc).__name__}")
 
     def run_once(self) -> None:
-        """One iteration: admit newcomers, check cancellations, one decode step, dispatch (tests drive this)."""
+        """One iteration: drop expired, admit newcomers, check cancellations, one decode step, dispatch (tests
+        drive this)."""
+        self._expire_queued()
+        self._expire_running()          # before admitting: a freed slot goes to the queue in this iteration
         self._admit()
         self._check_cancelled()
         if self._active:
@@ -202,6 +262,38 @@ class Scheduler:
                 jobs.append(job)
                 room -= 1
             return jobs
+
+    def _expire_queued(self) -> None:
+        """Queued jobs whose deadline passed are never started (and no longer hold a place in the queue)."""
+        now = self.clock()
+        with self._cv:
+            if not any(job.expired(now) for job in self._queue):
+                return
+            expired = [job for job in self._queue if job.expired(now)]
+            kept = [job for job in self._queue if not job.expired(now)]
+            self._queue.clear()
+            self._queue.extend(kept)
+        self.stats.expired_queued += len(expired)
+        for job in expired:
+            _fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
+                                      f"{now - job.submitted_at:.1f} s in the queue; never started"), DEADLINE)
+
+    def _expire_running(self) -> None:
+        """Running jobs past their deadline leave the batch: nobody reads the rest, the slot goes to the queue."""
+        now = self.clock()
+        for handle, job in list(self._active.items()):
+            if not job.expired(now):
+                continue
+            self._active.pop(handle, None)
+            try:
+                self.engine.cancel(handle)
+            except Exception as exc:  # noqa: BLE001 - the job ends either way
+                self.log_error(f"engine.cancel failed: {type(exc).__name__}: {exc}")
+            self.stats.expired_running += 1
+            tokens = job.coalescer.completion_tokens if job.coalescer is not None else 0
+            _fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
+                                      f"{now - job.submitted_at:.1f} s; generation stopped after {tokens} tokens"),
+                  DEADLINE)
 
     def _admit(self) -> None:
         jobs = self._take_newcomers()
@@ -237,7 +329,7 @@ class Scheduler:
     def _reject(self, job: Job, exc: Exception) -> None:
         if isinstance(exc, ValueError):
             self.stats.rejected += 1
-            _fail(job, f"invalid argument: {exc}"[:500], INVALID_ARG)
+            _fail(job, client_message("INVALID_ARGUMENT", exc)[:500], INVALID_ARG)
         else:
             self.stats.failed += 1
             self.log_error(f"engine.add failed: {type(exc).__name__}: {exc}")

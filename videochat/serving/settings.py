@@ -20,6 +20,15 @@ BATCHING_MODES = ("inflight", "static")   # join the running batch between decod
 DEFAULT_STREAM_INTERVAL_MS = 20
 DEFAULT_MEDIA_CACHE_MB = 512
 DEFAULT_VISUAL_CACHE_MB = 256
+# Requests that may wait per running-batch slot before new ones are refused with UNAVAILABLE: a queued request
+# then waits about this many answers' time, instead of ever longer while a flood keeps coming.
+DEFAULT_QUEUE_PER_ACTIVE = 4
+DEFAULT_REQUEST_TIMEOUT_S = 0.0     # off: clients send their own budget (timeout_ms); see docs/operations.md
+# Decode isolation (videochat/serving/decode_worker.py): user bytes are decoded in a worker process that may
+# take this long and allocate this much above its idle size; generous, they stop a bomb, not a big video.
+DEFAULT_DECODE_ISOLATION = True
+DEFAULT_DECODE_TIMEOUT_S = 120.0
+DEFAULT_DECODE_MEMORY_MB = 4096
 MB = 1024 * 1024
 # Parameters the python backend itself reads; allowed in any config.
 _BACKEND_PARAMETERS = {"EXECUTION_ENV_PATH"}
@@ -48,6 +57,31 @@ def _positive_int(params: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def _non_negative_float(params: Mapping[str, str], key: str, default: float) -> float:
+    raw = params.get(key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"parameter {key} must be a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"parameter {key} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _bool(params: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = params.get(key, str(default).lower())
+    if raw not in ("true", "false"):
+        raise SettingsError(f"parameter {key} must be true or false, got {raw!r}")
+    return raw == "true"
+
+
+def _positive_float(params: Mapping[str, str], key: str, default: float) -> float:
+    value = _non_negative_float(params, key, default)
+    if not value > 0:
+        raise SettingsError(f"parameter {key} must be > 0, got {value}")
+    return value
+
+
 def _non_negative_int(params: Mapping[str, str], key: str, default: int) -> int:
     raw = params.get(key, str(default))
     try:
@@ -64,15 +98,22 @@ class PreprocessSettings:
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     media_cache_bytes: int = 0          # LRU of preprocessed outputs keyed by media_key; 0 = off
+    decode_isolation: bool = DEFAULT_DECODE_ISOLATION     # decode in a worker process (crash/hang/OOM-proof)
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S    # wall clock of one decode in the worker
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB      # worker's memory growth allowed for one decode
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "PreprocessSettings":
         params = config_parameters(json.loads(args["model_config"]),
-                                   known={"max_video_bytes", "max_new_tokens_limit", "media_cache_mb"})
+                                   known={"max_video_bytes", "max_new_tokens_limit", "media_cache_mb",
+                                          "decode_isolation", "decode_timeout_s", "decode_memory_mb"})
         return cls(max_video_bytes=_positive_int(params, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES),
                    max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
                                                       DEFAULT_MAX_NEW_TOKENS_LIMIT),
-                   media_cache_bytes=_non_negative_int(params, "media_cache_mb", 0) * MB)
+                   media_cache_bytes=_non_negative_int(params, "media_cache_mb", 0) * MB,
+                   decode_isolation=_bool(params, "decode_isolation", DEFAULT_DECODE_ISOLATION),
+                   decode_timeout_s=_positive_float(params, "decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S),
+                   decode_memory_mb=_positive_int(params, "decode_memory_mb", DEFAULT_DECODE_MEMORY_MB))
 
 
 @dataclass(frozen=True)
@@ -84,6 +125,9 @@ class LLMSettings:
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     batching: str = "inflight"          # BATCHING_MODES
     max_active: int = 1                 # sequences in the running batch (in-flight); default max_batch_size
+    max_queue: int = DEFAULT_QUEUE_PER_ACTIVE   # waiting beyond the free slots, then UNAVAILABLE; config 0 =
+    #                                             DEFAULT_QUEUE_PER_ACTIVE x max_active
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S   # server-side deadline per request; 0 = none
     stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS   # coalesce streamed deltas (0 = every token)
     visual_cache_bytes: int = 0         # engine's VisualCache budget; 0 = off
     decode_threads: int = 1             # CPU in-flight: intra-op threads of a decode step; 0 = torch's default
@@ -93,7 +137,7 @@ class LLMSettings:
         config = json.loads(args["model_config"])
         params = config_parameters(config, known={"checkpoint_path", "dtype", "max_new_tokens_limit", "batching",
                                                   "max_active", "stream_interval_ms", "visual_cache_mb",
-                                                  "decode_threads"})
+                                                  "decode_threads", "max_queue", "request_timeout_s"})
         checkpoint = params.get("checkpoint_path", "")
         if not checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
             raise SettingsError(f"parameter checkpoint_path must be a checkpoint directory with config.json, "
@@ -110,10 +154,12 @@ class LLMSettings:
         if batching not in BATCHING_MODES:
             raise SettingsError(f"parameter batching must be one of {BATCHING_MODES}, got {batching!r}")
         max_active = _non_negative_int(params, "max_active", 0) or max(1, int(config.get("max_batch_size", 1)))
+        max_queue = _non_negative_int(params, "max_queue", 0) or DEFAULT_QUEUE_PER_ACTIVE * max_active
         return cls(checkpoint=checkpoint, device=device, dtype=dtype, decoupled=decoupled,
                    max_new_tokens_limit=_positive_int(params, "max_new_tokens_limit",
                                                       DEFAULT_MAX_NEW_TOKENS_LIMIT),
-                   batching=batching, max_active=max_active,
+                   batching=batching, max_active=max_active, max_queue=max_queue,
+                   request_timeout_s=_non_negative_float(params, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S),
                    stream_interval_ms=_non_negative_int(params, "stream_interval_ms", DEFAULT_STREAM_INTERVAL_MS),
                    visual_cache_bytes=_non_negative_int(params, "visual_cache_mb", 0) * MB,
                    decode_threads=_non_negative_int(params, "decode_threads", 1))

@@ -12,15 +12,18 @@ import argparse
 import json
 import os
 import shutil
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-
+from videochat.errors import UserError, one_line
 from videochat.model.config import LLMConfig, QFormerConfig, VideoChatConfig, VisionConfig
+from videochat.tools.chat import seed_arg
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_assets")
 NUM_CONTROL_AND_BYTE_TOKENS = 5 + 256   # <unk> <s> </s> [INST] [/INST] + byte fallback pieces of the demo tokenizer
 LM_HEAD_GAIN = 8.0
+
+if TYPE_CHECKING:   # imported where used: a bad OUT_DIR fails before the seconds torch takes to import
+    import torch
 
 
 def demo_config() -> VideoChatConfig:
@@ -37,6 +40,8 @@ def demo_config() -> VideoChatConfig:
 
 
 def _init(key: str, shape: tuple[int, ...], gen: torch.Generator, eos_id: int) -> torch.Tensor:
+    import torch
+
     def randn(*s):
         return torch.randn(*s, generator=gen)
 
@@ -67,13 +72,14 @@ def _init(key: str, shape: tuple[int, ...], gen: torch.Generator, eos_id: int) -
 
 def make_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """Write the demo checkpoint into `out_dir` (created; existing files overwritten). Returns the path."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    import torch
     from safetensors.torch import save_file
 
     from videochat.model.checkpoint import official_layout
     from videochat.model.videochat_model import VideoChatModel
 
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     config = demo_config()
     with torch.device("meta"):
         skeleton = VideoChatModel(config)
@@ -99,9 +105,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m videochat make-demo-checkpoint",
                                  description="Write a tiny seeded random-weight checkpoint in the official layout.")
     ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     args = ap.parse_args(argv)
-    path = make_demo_checkpoint(args.out_dir, seed=args.seed)
+    try:
+        path = make_demo_checkpoint(args.out_dir, seed=args.seed)
+    except OSError as e:   # OUT_DIR is a file, or under one, or not writable; exit 2 via run_cli
+        raise UserError(f"cannot write the demo checkpoint: {one_line(e)}") from None
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     print(f"demo checkpoint written to {path} ({size / 1e6:.1f} MB)")
     return 0

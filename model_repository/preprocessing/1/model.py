@@ -4,6 +4,7 @@ Logic lives in videochat/serving/preprocess.py; this file only converts tensors 
 """
 import triton_python_backend_utils as pb_utils
 
+from videochat.serving.decode_worker import open_decoder
 from videochat.serving.metrics import PreprocessMetrics
 from videochat.serving.preprocess import MediaCache, preprocess_request, warm_up
 from videochat.serving.requests import RequestError, invalid_argument
@@ -17,7 +18,11 @@ class TritonPythonModel:
         self.cache = MediaCache(self.settings.media_cache_bytes)
         self.metrics = PreprocessMetrics(pb_utils, model=args["model_name"],
                                          instance=args.get("model_instance_name", ""), cache=self.cache)
-        warm_up(self.settings)   # the decoder's imports at load, not on the first request
+        # decode isolation: user bytes are decoded in a worker process that may crash, hang or blow up alone
+        self.decoder = open_decoder(self.settings, log=self.logger.log_warn)
+        if self.decoder.stats is not None:
+            self.metrics.watch_decode_pool(self.decoder.stats)
+        warm_up(self.settings, self.decoder.decode)   # a new instance is warm when Triton calls it READY
         self.logger.log_info(f"preprocessing ready: {self.settings}")
 
     def execute(self, requests):
@@ -31,7 +36,7 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         try:
-            arrays = preprocess_request(get, self.settings, self.cache)
+            arrays = preprocess_request(get, self.settings, self.cache, self.decoder.decode)
         except RequestError as exc:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))
@@ -42,4 +47,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
 
     def finalize(self):
+        self.decoder.close()
         self.logger.log_info("preprocessing finalized")

@@ -10,8 +10,8 @@ import triton_python_backend_utils as pb_utils
 
 from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, batch_stats, build_chat_request
 from videochat.serving.metrics import LLMMetrics
-from videochat.serving.requests import RequestError, invalid_argument
-from videochat.serving.scheduler import INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
+from videochat.serving.requests import RequestError, invalid_argument, parse_timeout_ms
+from videochat.serving.scheduler import DEADLINE, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -42,7 +42,8 @@ class TritonPythonModel:
         self.scheduler = Scheduler(make_engine, max_active=s.max_active, stream_interval_ms=s.stream_interval_ms,
                                    log_error=self.logger.log_error, on_progress=self._on_progress,
                                    cancel_check_interval_ms=CANCEL_CHECK_INTERVAL_MS,
-                                   join_running=s.batching == "inflight")
+                                   join_running=s.batching == "inflight", max_queue=s.max_queue,
+                                   request_timeout_s=s.request_timeout_s)
         self.metrics.watch_scheduler(self.scheduler)
         if cache is not None:
             self.metrics.watch_visual_cache(cache)
@@ -57,13 +58,15 @@ class TritonPythonModel:
             sinks.append(sink)
             try:
                 p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit)
+                timeout_ms = parse_timeout_ms(request.parameters())   # the ensemble passes them to every step
             except RequestError as exc:   # this request only; its batch-mates go on
                 self.metrics.rejected.increment(1)
                 sink.fail(invalid_argument(exc), code=INVALID_ARG)
                 continue
             parsed.append(p)
             jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
-                            coalescer=StreamCoalescer(None) if unary else None))   # None: only the final
+                            coalescer=StreamCoalescer(None) if unary else None,   # None: only the final
+                            timeout_ms=timeout_ms))
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
@@ -106,9 +109,10 @@ class _Sink:
 
 
 def _code(code):
-    """The scheduler's error code -> Triton's (pb_utils.TritonError exists only once the stub runs a model)."""
+    """The scheduler's error code -> Triton's (pb_utils.TritonError exists only once the stub runs a model).
+    Triton has no DEADLINE_EXCEEDED: CANCELLED it is, and the message's "deadline exceeded: " prefix says why."""
     e = pb_utils.TritonError
-    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE}.get(code, e.INTERNAL)
+    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE, DEADLINE: e.CANCELLED}.get(code, e.INTERNAL)
 
 
 def _getter(request):
