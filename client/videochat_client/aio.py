@@ -24,6 +24,25 @@ from .schema import DEFAULTS, MODEL_NAME
 from .types import Answer, Chunk
 
 
+# How long to wait for Triton to close a stream after the request's last response (it closes it at once: we
+# half-close after sending the one request) before cancelling it.
+_STREAM_END_GRACE_S = 5.0
+
+
+async def _read_to_end(it, grace_s: float = _STREAM_END_GRACE_S) -> bool:
+    """Drain a stream until the server closes it; False if that did not happen within grace_s."""
+    async def rest() -> None:
+        async for _ in it:
+            pass
+    try:
+        await asyncio.wait_for(rest(), grace_s)
+    except asyncio.TimeoutError:
+        return False
+    except (InferenceServerException, grpc.RpcError):
+        pass   # it ended with a status: nothing left to cancel
+    return True
+
+
 class AsyncVideoChatClient:
     """`async with AsyncVideoChatClient(url) as client: conv = client.conversation(video=...)`.
     One channel per URL serves any number of concurrent calls; retries move along the URLs as in the sync
@@ -99,22 +118,27 @@ class AsyncVideoChatClient:
             yield {"model_name": self.config.model_name, "inputs": inputs, "request_id": request_id,
                    "parameters": timeout_parameters(timeout)}
 
-        finished = False
+        ended = False   # the server ended the request (final response or error): no cancel needed
         it = None
         try:
             it = self._client(url).stream_infer(requests(), stream_timeout=timeout, headers=headers or None)
             async for result, error in it:
-                if error is not None:
+                if error is not None:   # an in-stream error is the server's last response for this request
+                    ended = True
                     raise to_error(error, request_id=request_id)
                 chunk = parse_chunk(result)
                 yield chunk
                 if chunk.final:
+                    ended = True
                     break
-            finished = True
+            ended = True
         except (InferenceServerException, grpc.RpcError) as e:
             raise to_error(e, request_id=request_id) from e
         finally:
-            if it is not None and not finished:
+            # Cancel only a request the server may still be working on. Cancelling (or dropping) a stream whose
+            # request already ended makes Triton 2.51 leak the request's state, input bytes included
+            # (docs/operations.md, "Memory and the soak test"), so read such a stream to its end instead.
+            if it is not None and not (ended and await _read_to_end(it)):
                 it.cancel()
 
     async def health(self, *, timeout: Optional[float] = 10.0) -> Dict[str, bool]:

@@ -216,6 +216,10 @@ class VideoChatClient:
                 except queue.Empty:
                     raise DeadlineExceeded(f"no response within {timeout} s", request_id=request_id) from None
                 if error is not None:
+                    # The server ended this request (an in-stream error is its last response) or the RPC is
+                    # already gone: close gracefully. Cancelling a stream whose request already failed makes
+                    # Triton 2.51 leak the request's state, input bytes included (docs/operations.md, "Memory").
+                    finished = True
                     raise to_error(error, request_id=request_id)
                 chunk = parse_chunk(result)
                 if chunk.final:
@@ -225,7 +229,8 @@ class VideoChatClient:
                     return
         finally:
             try:
-                # Graceful close after the final response; cancel if the caller stopped early or it failed.
+                # Graceful close after the final response or an error from the server; cancel only if the caller
+                # stopped early or the client gave up waiting (the server may still be working on it).
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - closing must not mask the real error
                 pass

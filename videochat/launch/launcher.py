@@ -40,7 +40,8 @@ from videochat.errors import EXIT_FAILURE, UserError, report
 from videochat.launch.readiness import ReadinessServer
 from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
 from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
-from videochat.launch.tritonserver import UNLOAD_GRACE_S, Endpoints, LaunchError, TritonServer, find_triton
+from videochat.launch.tritonserver import (UNLOAD_GRACE_S, Endpoints, LaunchError, MemoryOptions, TritonServer,
+                                           find_triton)
 from videochat.model.preflight import check_checkpoint_files
 from videochat.serving.settings import BATCHING_MODES, DEFAULT_QUEUE_PER_ACTIVE, DTYPES
 
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None,
                    help=f"rendered repository, server copy, logs and demo checkpoint (default {DEFAULT_WORK_DIR})")
     p.add_argument("--exit-timeout-secs", type=int, default=30, help="graceful drain limit on SIGTERM")
+    p.add_argument("--shm-growth-mb", type=int, default=_default("shm_growth_mb", MemoryOptions),
+                   help="step by which a python stub's /dev/shm region grows; every growth leaves one more mapping "
+                        "counted in RSS, so fewer, larger steps keep RSS honest (docs/operations.md)")
+    p.add_argument("--malloc-mmap-threshold-kb", type=int, default=_default("malloc_mmap_threshold_kb", MemoryOptions),
+                   help="glibc MALLOC_MMAP_THRESHOLD_ for tritonserver and the stubs: larger blocks are "
+                        "mmap'ed and returned when freed (0 = glibc's dynamic default)")
     p.add_argument("--render-only", action="store_true", help="render the repository, print its path, exit")
     h = p.add_argument_group("health and recovery (docs/operations.md)")
     h.add_argument("--health-port", type=port_arg, default=_health("health_port"),
@@ -219,6 +226,10 @@ def supervisor_options_from_args(args: argparse.Namespace) -> SupervisorOptions:
                              old_stub_grace_s=args.old_stub_grace_s)
 
 
+def memory_from_args(args: argparse.Namespace) -> MemoryOptions:
+    return MemoryOptions(shm_growth_mb=args.shm_growth_mb, malloc_mmap_threshold_kb=args.malloc_mmap_threshold_kb)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `serve`; user errors are raised as UserError/OSError for `videochat.errors.run_cli` to print."""
     args = build_parser().parse_args(argv)
@@ -238,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = ensure_demo_checkpoint(demo)
         opts = options_from_args(args, checkpoint)   # checks the flag values and that config.json exists
         health = supervisor_options_from_args(args)
+        memory = memory_from_args(args)
         check_checkpoint_files(checkpoint)           # torch-free: a broken file fails now, not in a stub
         repo = render_repository(opts, work_dir / "model_repository")
         if args.render_only:
@@ -249,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:  # tritonserver missing or its stub cannot be prepared: not a usage error
         return report(exc, EXIT_FAILURE)
 
-    return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs)
+    return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs, memory=memory)
 
 
 def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, endpoints: Endpoints, *,
-          exit_timeout_s: int) -> int:
+          exit_timeout_s: int, memory: MemoryOptions = MemoryOptions()) -> int:
     """Run tritonserver under the supervisor until SIGTERM/Ctrl-C (0), its death (1) or giving up (3)."""
     server = TritonServer(install, repo, endpoints, exit_timeout_s=exit_timeout_s,
-                          models=(PREPROCESSING, LLM, ENSEMBLE))
+                          models=(PREPROCESSING, LLM, ENSEMBLE), memory=memory)
     client = VideoChatClient(endpoints.grpc_url, timeout=health.probe_timeout_s, max_retries=0)
     supervisor = Supervisor(server, client, health, ensemble=ENSEMBLE, log=lambda m: print(m, flush=True))
     try:

@@ -45,6 +45,36 @@ class TritonInstall:
 
 
 @dataclass(frozen=True)
+class MemoryOptions:
+    """How tritonserver and its python stubs use memory; why these values: docs/operations.md, "Memory and the
+    soak test". Measured under a mixed load with the 2.51 wheel (bench/soak_bench.py)."""
+
+    # Step by which the python backend grows a stub's /dev/shm region (Triton's default is 1 MiB). The backend
+    # keeps every old mapping of a region alive in both the stub and tritonserver, so each growth adds the
+    # region's touched pages to their RSS once more: 1 MiB steps made tritonserver's RSS climb ~110 MB per step.
+    # A large step means few growths, hence few mappings; the cost is up to one step of unused region per stub.
+    shm_growth_mb: int = 64
+    # glibc: allocations of at least this many KiB are mmap'ed and returned to the OS when freed. glibc's default
+    # (dynamic, up to 32 MiB) serves the ensemble's multi-MB intermediate tensors from its arenas, whose RSS then
+    # creeps up with fragmentation (~10 KB per request). 0 = leave glibc's default. Inherited by the stubs.
+    malloc_mmap_threshold_kb: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shm_growth_mb < 1:
+            raise ValueError(f"shm_growth_mb must be >= 1, got {self.shm_growth_mb}")
+        if self.malloc_mmap_threshold_kb < 0:
+            raise ValueError(f"malloc_mmap_threshold_kb must be >= 0, got {self.malloc_mmap_threshold_kb}")
+
+    def env(self) -> dict[str, str]:
+        if not self.malloc_mmap_threshold_kb:
+            return {}
+        return {"MALLOC_MMAP_THRESHOLD_": str(self.malloc_mmap_threshold_kb * 1024)}
+
+    def args(self) -> list[str]:
+        return [f"--backend-config=python,shm-growth-byte-size={self.shm_growth_mb * 1024 * 1024}"]
+
+
+@dataclass(frozen=True)
 class Endpoints:
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -89,9 +119,13 @@ def _prepare_wheel_server(src: Path, libs: Path, dst: Path) -> TritonInstall:
     return TritonInstall(dst / "bin" / "tritonserver", dst / "backends", (libs,))
 
 
-def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver and its python stubs: this interpreter's libpython and site-packages."""
+def server_env(install: TritonInstall, base: dict[str, str] | None = None, *,
+               memory: MemoryOptions = MemoryOptions()) -> dict[str, str]:
+    """Environment for tritonserver and its python stubs: this interpreter's libpython and site-packages, and
+    the allocator settings of `memory` (a value already in the environment wins: an operator's override)."""
     env = dict(os.environ if base is None else base)
+    for key, value in memory.env().items():
+        env.setdefault(key, value)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         [p for p in [libdir, *map(str, install.lib_dirs), env.get("LD_LIBRARY_PATH", "")] if p])
@@ -103,7 +137,8 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
 
 
 def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, *, shm_prefix: str,
-                exit_timeout_s: int, log_verbose: int = 0, models: Sequence[str] = ()) -> list[str]:
+                exit_timeout_s: int, log_verbose: int = 0, models: Sequence[str] = (),
+                memory: MemoryOptions = MemoryOptions()) -> list[str]:
     """`models` given: explicit model control (only these are loaded, and `load_model` can reload one: the only
     way to replace a dead python stub in 2.51); empty: Triton loads the whole repository and no model can be
     reloaded."""
@@ -117,6 +152,7 @@ def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, 
         f"--grpc-port={endpoints.grpc_port}", f"--http-port={endpoints.http_port}",
         f"--metrics-port={endpoints.metrics_port}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        *memory.args(),
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
         *control,
@@ -136,14 +172,15 @@ class TritonServer:
     """One tritonserver process: start, wait until ready, stop with SIGTERM (then SIGKILL), clean its shm."""
 
     def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, *,
-                 log_path: Path | None = None, exit_timeout_s: int = 30, models: Sequence[str] = ()) -> None:
+                 log_path: Path | None = None, exit_timeout_s: int = 30, models: Sequence[str] = (),
+                 memory: MemoryOptions = MemoryOptions(), log_verbose: int = 0) -> None:
         self.endpoints = endpoints
         self.repository = Path(repository).resolve()
         self.exit_timeout_s = exit_timeout_s
         self.shm_prefix = f"videochat_{uuid.uuid4().hex[:12]}_"
         self.args = server_args(install, repository, endpoints, shm_prefix=self.shm_prefix,
-                                exit_timeout_s=exit_timeout_s, models=models)
-        self.env = server_env(install)
+                                exit_timeout_s=exit_timeout_s, log_verbose=log_verbose, models=models, memory=memory)
+        self.env = server_env(install, memory=memory)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.inference_done_at: float | None = None   # when the drain after SIGTERM had no inference left
