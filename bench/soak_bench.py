@@ -138,8 +138,20 @@ def replica_processes(launcher_pid: int) -> Dict[str, int]:
                 procs["tritonserver"] = child
                 for stub in children(child):
                     procs[process_name(stub)] = stub
+                    procs.update(decode_processes(process_name(stub), stub))
         except OSError:
             continue
+    return procs
+
+
+def decode_processes(stub_name: str, stub_pid: int) -> Dict[str, int]:
+    """A preprocessing stub's decode isolation: its zygote and the workers forked from it (docs/operations.md,
+    "Decode isolation"). A worker replaced after a fault keeps its name, so its series continues."""
+    procs = {}
+    for zygote in children(stub_pid):
+        procs[f"{stub_name}.zygote"] = zygote
+        for i, worker in enumerate(sorted(children(zygote))):
+            procs[f"{stub_name}.worker{i}"] = worker
     return procs
 
 
@@ -178,12 +190,13 @@ class Replica:
     """`python -m videochat serve` as a subprocess on free loopback ports (own session: SIGTERM reaches it alone)."""
 
     def __init__(self, serve_args: Sequence[str], work_dir: Path):
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.http, self.grpc, self.metrics, self.health = free_port(), free_port(), free_port(), free_port()
         self.work_dir = work_dir
         self.command = [sys.executable, "-m", "videochat", "serve", "--device", "cpu", "--host", "127.0.0.1",
                         "--checkpoint", str(demo_checkpoint()), "--work-dir", str(work_dir),
                         "--http-port", str(self.http), "--grpc-port", str(self.grpc),
-                        "--metrics-port", str(self.metrics), "--exit-timeout-secs", "10", *serve_args]
+                        "--metrics-port", str(self.metrics), "--health-port", str(self.health),
+                        "--exit-timeout-secs", "10", *serve_args]
         self.log = work_dir / "serve.log"
         self.proc: Optional[subprocess.Popen] = None
 
@@ -364,6 +377,7 @@ def run(args: argparse.Namespace) -> dict:
         next_sample = t0
         while load.running():
             if time.monotonic() >= next_sample:
+                procs = replica_processes(replica.proc.pid)   # decode workers can be replaced
                 mb = {n: m for n, p in procs.items() if (m := memory_mb(p)) is not None}
                 with load.tally.lock:
                     done, errors = load.tally.requests, sum(load.tally.codes.values())
