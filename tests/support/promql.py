@@ -14,7 +14,8 @@ KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "boo
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression: identifiers that are not functions, keywords, label names
     (inside {...} or by/without (...)), durations ([5m]) or Grafana variables ($__rate_interval)."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)             # strings (label values)
+    text = re.sub(r"label_values\(\s*([^,()]+?)\s*,\s*\w+\s*\)", r"\1", expr)  # Grafana: (metric, label)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)             # strings (label values)
     text = re.sub(r"\{[^}]*\}", "", text)                         # label matchers
     text = re.sub(r"\[[^\]]*\]", "", text)                        # ranges
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)

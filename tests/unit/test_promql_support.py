@@ -14,6 +14,7 @@ def test_metric_names_skip_functions_labels_ranges_and_variables():
     expr = ('histogram_quantile(0.9, sum by (le, instance) (rate(videochat_ttft_seconds_bucket{instance=~"$replica",'
             'model="x"}[$__rate_interval]))) / sum(rate(nv_inference_count[5m])) or on (job) vector(0)')
     assert metric_names(expr) == {"videochat_ttft_seconds_bucket", "nv_inference_count"}
+    assert metric_names("label_values(videochat_num_requests_running, instance)") == {"videochat_num_requests_running"}
 
 
 def test_histogram_quantile_interpolates_like_prometheus():
