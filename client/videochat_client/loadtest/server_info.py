@@ -46,7 +46,7 @@ def model_config(client_kwargs: dict, model: str) -> Dict[str, object]:
             name = todo.pop(0)
             if name in out:
                 continue
-            config = client.get_model_config(name, as_json=True).get("config", {})
+            config = client.get_model_config(name, as_json=True, client_timeout=10).get("config", {})
             out[name] = config
             steps = (config.get("ensemble_scheduling") or {}).get("step") or []
             todo.extend(step["model_name"] for step in steps if "model_name" in step)
