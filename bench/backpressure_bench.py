@@ -52,7 +52,7 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
 
 def queued_gauge(metrics_url: str) -> float:
     with urllib.request.urlopen(metrics_url, timeout=5) as r:
-        m = re.search(r'^videochat_queued_requests\{[^}]*model="videochat_llm"[^}]*\} (\S+)$', r.read().decode(), re.M)
+        m = re.search(r'^videochat_num_requests_waiting\{[^}]*model="videochat_llm"[^}]*\} (\S+)$', r.read().decode(), re.M)
     return float(m.group(1)) if m else 0.0
 
 

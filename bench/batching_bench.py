@@ -71,11 +71,13 @@ def scheduler_counters(served) -> dict[str, float]:
     names = ("videochat_decode_steps_total", "videochat_decode_step_sequences_total", "videochat_inflight_joins_total",
              "videochat_visual_cache_hits_total", "videochat_visual_cache_misses_total",
              "videochat_media_cache_hits_total", "videochat_media_cache_misses_total",
-             "videochat_scheduler_add_us_total", "videochat_scheduler_step_us_total", "videochat_scheduler_send_us_total",
              "videochat_stream_responses_total")
     out = {}
     for name in names:
         out[name] = sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    for phase in ("add", "step", "send"):   # the results keep their microsecond keys
+        seconds = re.findall(rf'^videochat_scheduler_seconds_total{{[^}}]*phase="{phase}"[^}}]*}} (\S+)$', text, re.M)
+        out[f"videochat_scheduler_{phase}_us_total"] = sum(float(v) for v in seconds) * 1e6
     return out
 
 

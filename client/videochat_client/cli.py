@@ -16,7 +16,7 @@ from typing import List, Optional
 from .client import VideoChatClient
 from .conversation import Conversation
 from .errors import InvalidArgument, Unavailable, VideoChatError
-from .schema import DEFAULTS
+from .schema import DEFAULTS, MODEL_NAME
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_URL = os.environ.get("VIDEOCHAT_URL", "localhost:8001")
@@ -105,6 +105,10 @@ def _connection(p: argparse.ArgumentParser) -> None:
                    help="per-request deadline, seconds (default %(default)s)")
     g.add_argument("--retries", type=_non_negative_int, default=2,
                    help="retries of UNAVAILABLE / draining-replica errors before any token arrived (default %(default)s)")
+    _tls_and_headers(g)
+
+
+def _tls_and_headers(g) -> None:
     g.add_argument("--ssl", action="store_true", help="use TLS")
     g.add_argument("--root-certificates", help="PEM file with the CA certificates")
     g.add_argument("--private-key", help="PEM file with the client key (mTLS)")
@@ -133,7 +137,8 @@ def _generation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
 
 
-def _client(args) -> VideoChatClient:
+def _headers(args) -> dict:
+    """--header KEY=VALUE flags -> gRPC metadata; the TLS files are checked readable on the way."""
     headers = {}
     for h in args.header:
         k, sep, v = h.partition("=")
@@ -144,6 +149,11 @@ def _client(args) -> VideoChatClient:
                        ("--certificate-chain", args.certificate_chain)):
         if path:   # tritonclient would fail inside its constructor: exit 1 and a traceback from its __del__
             _readable(path, flag)
+    return headers
+
+
+def _client(args) -> VideoChatClient:
+    headers = _headers(args)
     return VideoChatClient(args.url, timeout=args.timeout, max_retries=args.retries, ssl=args.ssl,
                            root_certificates=args.root_certificates, private_key=args.private_key,
                            certificate_chain=args.certificate_chain, headers=headers)
@@ -277,7 +287,10 @@ def _csv(kind):
 
 
 def cmd_loadtest(args) -> int:
-    from .loadtest import LoadConfig, default_metrics_url, run_loadtest, write_outputs
+    from .loadtest import LoadConfig, run_loadtest, write_outputs
+    from .loadtest.export import requests_path, write_requests
+    from .loadtest.server_info import metrics_urls as replica_metrics_urls
+    from .loadtest.stats import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles
     from .protocol import MediaOptions
     if args.concurrency is None and args.rate is None:
         args.concurrency = [1]
@@ -285,27 +298,37 @@ def cmd_loadtest(args) -> int:
         raise InvalidArgument("give --requests or --duration, not both")
     _writable(args.out, "--out", makes_folders=True)       # else found only after the whole sweep
     _writable(os.path.splitext(args.out)[0] + ".csv", "--out (its .csv)", makes_folders=True)
+    _writable(requests_path(args.out), "--out (its .requests.jsonl)", makes_folders=True)
     _writable(args.plot, "--plot")
-    metrics_url = None if args.no_metrics else (args.metrics_url or default_metrics_url(args.url))
-    if metrics_url and not metrics_url.startswith("http"):
-        metrics_url = "http://" + metrics_url
-    if metrics_url and not metrics_url.rstrip("/").endswith("/metrics"):
-        metrics_url = metrics_url.rstrip("/") + "/metrics"
+    urls = [u.strip() for flag in (args.url or [DEFAULT_URL]) for u in flag.split(",") if u.strip()]
+    try:
+        percentiles = parse_percentiles(args.percentiles) if args.percentiles else list(DEFAULT_PERCENTILES)
+        slos = parse_goodput(args.goodput) if args.goodput else None
+        metrics_urls = [] if args.no_metrics else replica_metrics_urls(urls, args.metrics_url or [])
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    headers = _headers(args)
     cfg = LoadConfig(
-        url=args.url, videos=args.video, concurrency=args.concurrency or (), rate=args.rate or (),
+        url=urls[0], urls=urls, metrics_urls=metrics_urls, percentiles=percentiles, goodput=slos,
+        model_name=args.model, ssl=args.ssl, root_certificates=args.root_certificates, private_key=args.private_key,
+        certificate_chain=args.certificate_chain, headers=tuple(sorted(headers.items())), videos=args.video, concurrency=args.concurrency or (), rate=args.rate or (),
         requests=args.requests, duration=args.duration, turns=args.turns, max_new_tokens=args.max_new_tokens,
         stream=args.stream, warmup=args.warmup, prompts=args.prompt or LoadConfig.prompts,
         media=MediaOptions(image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
                            padding=args.padding, msg=args.msg, instruction=args.instruction),
-        timeout=args.timeout, retries=args.retries, max_inflight=args.max_inflight, metrics_url=metrics_url,
-        seed=args.seed)
+        timeout=args.timeout, retries=args.retries, max_inflight=args.max_inflight,
+        metrics_url=metrics_urls[0] if metrics_urls else None, seed=args.seed)
     try:
         cfg.validate()
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    report = asyncio.run(run_loadtest(cfg, progress_stream=None if args.quiet else sys.stderr))
+    per_level = []
+    report = asyncio.run(run_loadtest(cfg, progress_stream=None if args.quiet else sys.stderr,
+                                      records_sink=lambda level, records: per_level.append((level, records))))
+    write_requests(requests_path(args.out), per_level)
     try:
         paths = write_outputs(report, args.out, plot=args.plot)
+        paths["requests"] = requests_path(args.out)
     except RuntimeError as e:   # matplotlib missing: the JSON and CSV are written already
         print(f"videochat: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -353,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_health)
 
     t = sub.add_parser("loadtest", help="closed-loop concurrency or open-loop rate sweep; JSON + CSV (+ PNG) report")
-    t.add_argument("--url", default=DEFAULT_URL)
+    t.add_argument("--url", action="append", metavar="HOST:PORT",
+                   help="Triton gRPC endpoint; repeat (or comma-separate) for several replicas: sessions are "
+                        f"spread round robin over them (default $VIDEOCHAT_URL or {DEFAULT_URL})")
+    t.add_argument("--model", default=MODEL_NAME, help="model name (default %(default)s)")
     t.add_argument("--video", nargs="+", required=True, help="videos used round robin (one per session)")
     lv = t.add_mutually_exclusive_group()
     lv.add_argument("--concurrency", type=_csv(int), help="closed-loop levels, e.g. 1,4,16 (default 1)")
@@ -369,19 +395,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retries", type=_non_negative_int, default=0,
                    help="client retries (default 0: errors are counted)")
     t.add_argument("--max-inflight", type=int, default=256, help="open loop: at most this many sessions at once")
-    t.add_argument("--metrics-url", help="Triton metrics HOST:PORT or URL (default: same host as --url, port 8002)")
+    t.add_argument("--metrics-url", action="append",
+                   help="Triton metrics HOST:PORT or URL, one per --url in order (default: each --url's host, "
+                        "port 8002)")
+    t.add_argument("--percentiles", default=None,
+                   help="latency percentiles, each reported as pNN (default 50,90,95,99; p50/p90/p99 always)")
+    t.add_argument("--goodput", nargs="+", metavar="SLO=MS",
+                   help="SLOs in ms (ttft_ms, latency_ms, itl_ms), e.g. ttft_ms=500 latency_ms=10000: report the "
+                        "share of requests that met all of them and their rate")
     t.add_argument("--no-metrics", action="store_true", help="do not scrape server metrics")
     t.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     t.add_argument("--out", required=True, help="report JSON path (the CSV goes next to it)")
     t.add_argument("--plot", help="PNG with latency and throughput vs level (needs matplotlib)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _tls_and_headers(t.add_argument_group("TLS and metadata (as for ask)"))
     _media(t)
     t.set_defaults(func=cmd_loadtest)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["loadtest", "compare"]:      # `loadtest` keeps its flags; compare is its own parser
+        from .loadtest.compare import compare_parser
+        args = compare_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except VideoChatError as e:

@@ -77,7 +77,7 @@ def occupy_slot(server: Server, timeout_s: float) -> threading.Thread:
     t = threading.Thread(target=lambda: out.append(timed(lambda: ask(server.lib(timeout=timeout_s), LONG))))
     t.out = out
     t.start()
-    wait_for(lambda: server.metric("videochat_active_sequences", **LLM) >= 1, what="the slot to be taken")
+    wait_for(lambda: server.metric("videochat_num_requests_running", **LLM) >= 1, what="the slot to be taken")
     return t
 
 
@@ -94,7 +94,7 @@ def test_flood_gets_unavailable_at_once_and_a_retry_succeeds_once_load_drops(ser
         sleeps = []
         retrier._sleep = lambda s: (sleeps.append(s), time.sleep(s))
         retried = pool.submit(timed, lambda: ask(retrier, 20))
-        assert wait_for(lambda: server.metric("videochat_queued_requests", **LLM) == 2, what="2 queued")
+        assert wait_for(lambda: server.metric("videochat_num_requests_waiting", **LLM) == 2, what="2 queued")
         retried_answer, retried_s = retried.result(timeout=60)
         flood = [f.result(timeout=60) for f in futures]
     blocker.join(60)
@@ -132,7 +132,7 @@ def test_client_deadline_stops_the_running_generation_and_frees_the_slot(server)
     assert isinstance(err, DeadlineExceeded), err
     wait_for(lambda: server.metric("videochat_requests_deadline_exceeded_total", stage="running", **LLM)
              == running0 + 1, what="the running-deadline counter")
-    wait_for(lambda: server.metric("videochat_active_sequences", **LLM) == 0, what="the slot to be freed")
+    wait_for(lambda: server.metric("videochat_num_requests_running", **LLM) == 0, what="the slot to be freed")
     steps = server.metric("videochat_decode_steps_total", **LLM)
     time.sleep(1.0)
     assert server.metric("videochat_decode_steps_total", **LLM) == steps     # nothing generates any more
@@ -150,7 +150,7 @@ def test_queued_request_past_its_deadline_is_never_started(server):
     assert isinstance(err, DeadlineExceeded), err
     wait_for(lambda: server.metric("videochat_requests_deadline_exceeded_total", stage="queued", **LLM)
              == queued0 + 1, what="the queued-deadline counter")
-    assert server.metric("videochat_queued_requests", **LLM) == 0
+    assert server.metric("videochat_num_requests_waiting", **LLM) == 0
     blocker.join(30)
 
 

@@ -66,3 +66,29 @@ def test_loadtest_rejects_out_of_range_options(tmp_path, capsys):
     assert cli.main(base + ["--requests", "1000000"]) == 2
     assert cli.main(base + ["--requests", "2", "--duration", "1"]) == 2
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_slo_report_export_server_config_and_two_replicas(triton, tmp_path, capsys):
+    """--percentiles, --goodput, the per-request JSONL, the model configuration and two --url "replicas" (the
+    same server twice, each with its metrics URL): sessions alternate between them, `servers` has both."""
+    out = tmp_path / "slo.json"
+    metrics = f"127.0.0.1:{triton.server.endpoints.metrics_port}"
+    assert cli.main(["loadtest", "--url", triton.url, "--url", triton.url.replace("127.0.0.1", "localhost"),
+                     "--metrics-url", metrics, "--metrics-url", metrics, "--video", str(TINY / "videos" / "example1.mp4"),
+                     "--image", "--concurrency", "2", "--requests", "6", "--max-new-tokens", "3", "--stream",
+                     "--percentiles", "50,95,99.9", "--goodput", "ttft_ms=600000", "latency_ms=600000",
+                     "--header", "x-tenant=test", "--out", str(out)]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    report = json.loads(out.read_text())
+    (lv,) = report["levels"]
+    for block in ("latency_ms", "time_to_first_token_ms", "inter_token_latency_ms"):
+        assert {"p50", "p90", "p95", "p99", "p99.9"} <= set(lv[block]), block
+    assert lv["goodput"]["good_requests"] == lv["successful_requests"] == 6 and lv["goodput"]["fraction"] == 1.0
+    assert list(lv["servers"]) == [f"http://{metrics}/metrics"]     # one key: both "replicas" are this server
+    assert report["config"]["header_names"] == ["x-tenant"] and len(report["config"]["urls"]) == 2
+    config = report["server_config"][triton.url]
+    assert config["videochat"]["platform"] == "ensemble" and "videochat_llm" in config
+    rows = [json.loads(line) for line in open(paths["requests"])]
+    assert paths["requests"] == str(tmp_path / "slo.requests.jsonl") and len(rows) == 6
+    assert {r["replica"] for r in rows} == set(report["config"]["urls"])     # round robin over both
+    assert all(r["status"] == "OK" and r["request_id"] and r["ttft_s"] <= r["end_s"] for r in rows)

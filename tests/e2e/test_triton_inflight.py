@@ -26,13 +26,13 @@ def test_requests_join_the_running_batch_and_match_alone(triton):
     joins0 = triton.metric("videochat_inflight_joins_total", **LLM)
     with ThreadPoolExecutor(1 + len(SHORT)) as pool:
         long_future = pool.submit(triton.stream_chunks, **LONG)
-        wait_for(lambda: triton.metric("videochat_active_sequences", **LLM) >= 1, what="the long request to start")
+        wait_for(lambda: triton.metric("videochat_num_requests_running", **LLM) >= 1, what="the long request to start")
         short_futures = [pool.submit(triton.stream, **r) for r in SHORT]
         together = [f.result() for f in short_futures]
         long_chunks = long_future.result()
         long_answer = answer_of(long_chunks)
     joins = triton.metric("videochat_inflight_joins_total", **LLM) - joins0
-    peak = triton.metric("videochat_active_sequences_peak", **LLM)
+    peak = triton.metric("videochat_num_requests_running_peak", **LLM)
     print(f"joins during the run: {joins}, peak active sequences: {peak}")
     assert joins >= 1 and peak >= 2
     assert long_answer.usage.completion_tokens == 1000 and long_answer.finish_reason == "length"
@@ -82,6 +82,6 @@ def test_cancelled_stream_frees_its_slot(triton):
     stopper.join(30)
     wait_for(lambda: triton.metric("videochat_requests_cancelled_total", **LLM) == cancelled0 + 1,
              what="the cancel to reach the scheduler")
-    wait_for(lambda: triton.metric("videochat_active_sequences", **LLM) == 0, what="the slot to be freed")
+    wait_for(lambda: triton.metric("videochat_num_requests_running", **LLM) == 0, what="the slot to be freed")
     after = triton.stream(**SHORT[0])                                  # the server keeps serving
     assert after.usage.completion_tokens >= 1

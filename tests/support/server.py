@@ -3,6 +3,7 @@ through the real client library (videochat_client): streaming through `VideoChat
 tritonclient with the client's request builder and response parser, metrics with the client's scraper."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,6 +139,16 @@ class ServeProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
 
+def is_ready_line(line: str) -> bool:
+    """serve's "ready:" line, as text or as a `--log-format json` record."""
+    if line.startswith("{"):
+        try:
+            return str(json.loads(line).get("msg", "")).startswith("ready:")
+        except ValueError:
+            return False
+    return line.startswith("ready:")
+
+
 @contextmanager
 def serve_process(python: str, args: list[str], *, cwd: Path, ready_timeout_s: float = 300) -> Iterator[ServeProcess]:
     """Start `python -m videochat serve ARGS` on free ports, wait for its "ready:" line, SIGTERM it on exit.
@@ -155,9 +166,9 @@ def serve_process(python: str, args: list[str], *, cwd: Path, ready_timeout_s: f
             if not line and proc.poll() is not None:
                 break
             serving.lines.append(line)
-            if line.startswith("ready:"):
+            if is_ready_line(line):
                 break
-        assert serving.lines and serving.lines[-1].startswith("ready:"), "".join(serving.lines[-40:])
+        assert serving.lines and is_ready_line(serving.lines[-1]), "".join(serving.lines[-40:])
         yield serving
     finally:
         proc.send_signal(signal.SIGTERM)

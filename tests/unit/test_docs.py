@@ -30,6 +30,14 @@ def test_serving_api_tables_are_the_schema(name, fields):
         f"put this between its markers:\n{expected}")
 
 
+def test_observability_metrics_table_is_the_declaration():
+    from videochat.serving import metrics
+    expected = metrics.markdown_table()
+    assert block((DOCS / "observability.md").read_text(), "metrics") == expected, (
+        "docs/observability.md's metrics table differs from videochat.serving.metrics.markdown_table(); "
+        f"put this between its markers:\n{expected}")
+
+
 def load_report():
     spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "_report.py")
     module = importlib.util.module_from_spec(spec)

@@ -37,6 +37,7 @@ from pathlib import Path
 from videochat_client import VideoChatClient
 
 from videochat.errors import EXIT_FAILURE, UserError, report
+from videochat.launch.logs import LOG_FORMATS, install_json_stdio
 from videochat.launch.readiness import ReadinessServer
 from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
 from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc-mmap-threshold-kb", type=int, default=_default("malloc_mmap_threshold_kb", MemoryOptions),
                    help="glibc MALLOC_MMAP_THRESHOLD_ for tritonserver and the stubs: larger blocks are "
                         "mmap'ed and returned when freed (0 = glibc's dynamic default)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="json: one JSON object per line on stdout (tritonserver's lines and ours; a request's "
+                        "lines carry its request_id), docs/observability.md")
     p.add_argument("--render-only", action="store_true", help="render the repository, print its path, exit")
     h = p.add_argument_group("health and recovery (docs/operations.md)")
     h.add_argument("--health-port", type=port_arg, default=_health("health_port"),
@@ -233,6 +237,8 @@ def memory_from_args(args: argparse.Namespace) -> MemoryOptions:
 def main(argv: list[str] | None = None) -> int:
     """Run `serve`; user errors are raised as UserError/OSError for `videochat.errors.run_cli` to print."""
     args = build_parser().parse_args(argv)
+    if args.log_format == "json":
+        install_json_stdio()      # first: every line after this, errors included, is a JSON record
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
     if not args.render_only:
         check_ports_free(endpoints, args.health_port)   # first: it costs nothing, everything after takes seconds
@@ -261,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:  # tritonserver missing or its stub cannot be prepared: not a usage error
         return report(exc, EXIT_FAILURE)
 
-    return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs, memory=memory)
+    return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs, memory=memory,
+                 log_format=args.log_format)
 
 
 def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, endpoints: Endpoints, *,
-          exit_timeout_s: int, memory: MemoryOptions = MemoryOptions()) -> int:
+          exit_timeout_s: int, memory: MemoryOptions = MemoryOptions(), log_format: str = "text") -> int:
     """Run tritonserver under the supervisor until SIGTERM/Ctrl-C (0), its death (1) or giving up (3)."""
     server = TritonServer(install, repo, endpoints, exit_timeout_s=exit_timeout_s,
-                          models=(PREPROCESSING, LLM, ENSEMBLE), memory=memory)
+                          models=(PREPROCESSING, LLM, ENSEMBLE), memory=memory, log_format=log_format)
     client = VideoChatClient(endpoints.grpc_url, timeout=health.probe_timeout_s, max_retries=0)
     supervisor = Supervisor(server, client, health, ensemble=ENSEMBLE, log=lambda m: print(m, flush=True))
     try:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from videochat.launch import logs
+
 NVIDIA_IMAGE_DIR = Path("/opt/tritonserver")
 # tritonserver 2.51 logs this once every in-flight inference finished after SIGTERM; only unloading is left then
 DRAINED_MARK = b"All models are stopped, unloading models"
@@ -173,7 +175,7 @@ class TritonServer:
 
     def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, *,
                  log_path: Path | None = None, exit_timeout_s: int = 30, models: Sequence[str] = (),
-                 memory: MemoryOptions = MemoryOptions(), log_verbose: int = 0) -> None:
+                 memory: MemoryOptions = MemoryOptions(), log_verbose: int = 0, log_format: str = "text") -> None:
         self.endpoints = endpoints
         self.repository = Path(repository).resolve()
         self.exit_timeout_s = exit_timeout_s
@@ -182,6 +184,7 @@ class TritonServer:
                                 exit_timeout_s=exit_timeout_s, log_verbose=log_verbose, models=models, memory=memory)
         self.env = server_env(install, memory=memory)
         self.log_path = log_path
+        self.log_format = log_format     # "json": each line becomes a JSON record (videochat.launch.logs)
         self.proc: subprocess.Popen | None = None
         self.inference_done_at: float | None = None   # when the drain after SIGTERM had no inference left
 
@@ -200,7 +203,14 @@ class TritonServer:
                 if DRAINED_MARK in line:
                     self.inference_done_at = time.monotonic()
                 try:
-                    if sink is None:
+                    if self.log_format == "json":
+                        record = logs.triton_record(line.decode(errors="replace"))
+                        if self.log_path and sink is not None:
+                            sink.write(logs.dumps(record).encode())
+                            sink.flush()
+                        else:
+                            logs.emit(record)
+                    elif sink is None:
                         print(line.decode(errors="replace"), end="", flush=True)
                     else:
                         sink.write(line)

@@ -19,6 +19,7 @@ The engine is not thread-safe: drive it from one thread. After an exception othe
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -194,6 +195,8 @@ class GenerationEngine:
         self._handles = itertools.count()
         self._slots: list[_Slot] = []
         self._batch: _Batch | None = None
+        self.last_add_timings: tuple[float, float] | None = None   # (vision_s, prefill_s) of the last add
+        self._encoded_last = False
 
     @property
     def num_active(self) -> int:
@@ -224,8 +227,12 @@ class GenerationEngine:
             return []
         with torch.inference_mode():
             slots = make_slots(self.model, requests, [next(self._handles) for _ in requests])
+            t0 = time.perf_counter()
             visual = self._visual_tokens(requests)
+            t1 = time.perf_counter()
             new = prefill(self.model, slots, visual)
+            # for the metrics; on CUDA the kernels run asynchronously, so the split between the two is rough
+            self.last_add_timings = (t1 - t0 if self._encoded_last else 0.0, time.perf_counter() - t1)
             # nothing above touched the running batch: a ValueError leaves it intact
             self._batch = new if self._batch is None else merge_batches(self._batch, new)
         self._slots.extend(slots)
@@ -275,6 +282,7 @@ class GenerationEngine:
             if tokens is None:
                 misses.setdefault(key if key is not None else ("no-key", i), []).append(i)
         encoded = self._encode([requests[indices[0]] for indices in misses.values()]) if misses else []
+        self._encoded_last = bool(misses)
         for indices, tokens in zip(misses.values(), encoded):
             for i in indices:
                 out[i] = tokens

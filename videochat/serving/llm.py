@@ -20,6 +20,7 @@ class ParsedRequest:
     chat_request: Any           # videochat.runtime.generation.ChatRequest
     clips: int                  # for the metrics
     media_type: str
+    received_unix: float | None = None   # arrival at the ensemble (preprocessing's stamp in MEDIA_INFO)
 
 
 def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedRequest:
@@ -48,7 +49,15 @@ def build_chat_request(get: Getter, *, max_new_tokens_limit: int) -> ParsedReque
                               media_key=info.get("media_key"))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    return ParsedRequest(chat_request=request, clips=int(pixels.shape[1]), media_type=media_type)
+    received = info.get("received_unix")
+    return ParsedRequest(chat_request=request, clips=int(pixels.shape[1]), media_type=media_type,
+                         received_unix=float(received) if isinstance(received, (int, float)) else None)
+
+
+def arrival_on(clock_now: float, received_unix: float | None, *, now_unix: float) -> float | None:
+    """The ensemble arrival on the scheduler's (monotonic) clock: now minus the time since the stamp; a stamp
+    from the future (clock step) counts as now."""
+    return None if received_unix is None else clock_now - max(0.0, now_unix - received_unix)
 
 
 class CpuThreadsEngine:
@@ -80,6 +89,10 @@ class CpuThreadsEngine:
     @property
     def num_active(self) -> int:
         return self.engine.num_active
+
+    @property
+    def last_add_timings(self) -> tuple[float, float] | None:
+        return self.engine.last_add_timings
 
 
 def output_arrays(*, text: str, token_ids: Sequence[int], prompt_tokens: int, completion_tokens: int,

@@ -7,6 +7,7 @@ MEDIA_INFO, where videochat_llm uses it for the engine's cache of visual tokens 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Callable
 
 import numpy as np
@@ -44,9 +45,10 @@ class MediaCache(ByteLRU[str, tuple[np.ndarray, bytes]]):
 
 
 def preprocess_request(get: Getter, settings: PreprocessSettings, cache: MediaCache | None = None,
-                       decode: Decode | None = None) -> dict[str, np.ndarray]:
+                       decode: Decode | None = None, *, received_unix: float | None = None) -> dict[str, np.ndarray]:
     """Check the chat fields first (cheap), then decode (or take the cached result: a hit never decodes).
-    PIXEL_VALUES: fp16 [1, clips, T, 3, 224, 224]; MEDIA_INFO: JSON metadata + media_type + media_key."""
+    PIXEL_VALUES: fp16 [1, clips, T, 3, 224, 224]; MEDIA_INFO: JSON metadata + media_type + media_key, plus
+    `received_unix` when given (the request's arrival at the ensemble, for videochat_llm's TTFT and latency)."""
     chat = parse_chat_fields(get, max_new_tokens_limit=settings.max_new_tokens_limit)
     opts = parse_media_options(get)
     data = video_bytes(get)
@@ -62,9 +64,17 @@ def preprocess_request(get: Getter, settings: PreprocessSettings, cache: MediaCa
         pixels, info = (decode or decode_media)(data, opts, key, settings.max_video_bytes)
         if cache is not None and cache.max_bytes > 0:
             cache.put(key, pixels, info)
+    if received_unix is not None:
+        info = stamp_received(info, received_unix)
     out = {PIXEL_VALUES: pixels, MEDIA_INFO: np.array([[info]], dtype=np.object_)}
     out.update(chat_fields_to_arrays(chat))
     return out
+
+
+def stamp_received(info: bytes, received_unix: float) -> bytes:
+    """MEDIA_INFO with this request's arrival time (wall clock: both stubs run on the same host). The cached
+    MEDIA_INFO is shared by hits, so the stamp goes on a copy."""
+    return json.dumps({**json.loads(info), "received_unix": received_unix}).encode("utf-8")
 
 
 def warm_up(settings: PreprocessSettings, decode: Decode | None = None) -> None:

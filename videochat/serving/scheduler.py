@@ -20,6 +20,9 @@
 * errors: an exception in a step fails every active job with INTERNAL, replaces the engine (factory) and the
   loop goes on serving the queue.
 * exactly one final response per job, whatever happens (`stop()` fails the leftovers with UNAVAILABLE).
+* timings: each job's end is queued as a `Finished` (queue time, TTFT, end-to-end, time per output token) and
+  each admission's (vision, prefill) seconds in `add_timings`; the adapter drains both into its histograms.
+  Every failed job is logged with its request id (`log_request_error`).
 
 A `Sink` is what the adapter wraps a Triton response sender in; tests use a list. Unary (not decoupled)
 serving uses the same loop: each job gets a final-only coalescer and a `BlockingSink` that `execute` waits on.
@@ -41,6 +44,7 @@ from videochat.serving.requests import client_message
 
 INVALID_ARG, INTERNAL, UNAVAILABLE, DEADLINE = "invalid_arg", "internal", "unavailable", "deadline_exceeded"
 IDLE_WAIT_S = 0.5          # the loop sleeps at most this long without work (and re-checks stop)
+FINISHED_BACKLOG = 100_000  # Finished records kept for the metrics between two drains
 
 
 class Sink(Protocol):
@@ -105,9 +109,39 @@ class Job:
     done: bool = False
     submitted_at: float = 0.0
     deadline: Deadline | None = None        # set by submit
+    request_id: str = ""                    # the client's (Triton's request id), for logs
+    arrived_at: float | None = None         # on the scheduler's clock, at the ensemble's entry; None = submit
+    admitted_at: float | None = None
+    first_token_at: float | None = None
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline.at
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How one job ended, for the metrics (queued in `Scheduler.finished`, drained by the adapter)."""
+    request_id: str
+    finish_reason: str | None       # stop | length | cancelled; None for an error
+    error_code: str | None          # INVALID_ARG, ...; None for a final response
+    e2e_s: float                    # arrival -> the end
+    queue_s: float | None           # submit -> admission; None: never admitted
+    ttft_s: float | None            # arrival -> first generated token
+    tpot_s: float | None            # (end - first token) / (tokens - 1); None below 2 tokens
+    completion_tokens: int
+
+
+def finished_record(job: Job, now: float, *, finish_reason: str | None = None,
+                    error_code: str | None = None) -> Finished:
+    arrived = job.submitted_at if job.arrived_at is None else min(job.arrived_at, job.submitted_at)
+    tokens = job.coalescer.completion_tokens if job.coalescer is not None else 0
+    first = job.first_token_at
+    return Finished(
+        request_id=job.request_id, finish_reason=finish_reason, error_code=error_code, e2e_s=now - arrived,
+        queue_s=None if job.admitted_at is None else job.admitted_at - job.submitted_at,
+        ttft_s=None if first is None else first - arrived,
+        tpot_s=(now - first) / (tokens - 1) if first is not None and tokens >= 2 else None,
+        completion_tokens=tokens)
 
 
 @dataclass
@@ -136,7 +170,8 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic, log_error: Callable[[str], None] = lambda m: None,
                  on_progress: Callable[["Scheduler"], None] | None = None,
                  cancel_check_interval_ms: float = 0.0, join_running: bool = True,
-                 max_queue: int | None = None, request_timeout_s: float = 0.0) -> None:
+                 max_queue: int | None = None, request_timeout_s: float = 0.0,
+                 log_request_error: Callable[[str, str], None] = lambda request_id, message: None) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_queue is not None and max_queue < 1:
@@ -154,11 +189,15 @@ class Scheduler:
         self.interval_s = stream_interval_ms / 1000.0
         self.clock = clock
         self.log_error = log_error
+        self.log_request_error = log_request_error   # (request id, "code: message") of every failed job
         self.on_progress = on_progress          # called after every admit/step (metrics); must not raise
         # is_cancelled() is an IPC round trip in Triton's python backend: ask at most this often (0 = every step)
         self.cancel_check_interval_s = cancel_check_interval_ms / 1000.0
         self._last_cancel_check = float("-inf")
         self.stats = SchedulerStats()
+        # drained by the adapter's metrics (deque append/popleft are thread-safe); bounded if nobody drains
+        self.finished: collections.deque[Finished] = collections.deque(maxlen=FINISHED_BACKLOG)
+        self.add_timings: collections.deque[tuple[float, float]] = collections.deque(maxlen=FINISHED_BACKLOG)
         self._queue: collections.deque[Job] = collections.deque()
         self._active: dict[int, Job] = {}
         self._cv = threading.Condition()
@@ -186,7 +225,7 @@ class Scheduler:
                     self._queue.append(job)
             self._cv.notify()
         for job, why in refused:
-            _fail(job, client_message("UNAVAILABLE", why), UNAVAILABLE)
+            self._fail(job, client_message("UNAVAILABLE", why), UNAVAILABLE)
 
     def _queue_full(self) -> bool:
         """Waiting beyond the free slots: a burst into an idle scheduler is not refused before it is admitted."""
@@ -221,7 +260,7 @@ class Scheduler:
             self._queue.clear()
             self._active.clear()
         for job in leftovers:
-            _fail(job, client_message("UNAVAILABLE", "server is shutting down"), UNAVAILABLE)
+            self._fail(job, client_message("UNAVAILABLE", "server is shutting down"), UNAVAILABLE)
 
     def _run(self) -> None:
         while True:
@@ -275,7 +314,7 @@ class Scheduler:
             self._queue.extend(kept)
         self.stats.expired_queued += len(expired)
         for job in expired:
-            _fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
+            self._fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
                                       f"{now - job.submitted_at:.1f} s in the queue; never started"), DEADLINE)
 
     def _expire_running(self) -> None:
@@ -291,7 +330,7 @@ class Scheduler:
                 self.log_error(f"engine.cancel failed: {type(exc).__name__}: {exc}")
             self.stats.expired_running += 1
             tokens = job.coalescer.completion_tokens if job.coalescer is not None else 0
-            _fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
+            self._fail(job, client_message("DEADLINE_EXCEEDED", f"{job.deadline.what} passed after "
                                       f"{now - job.submitted_at:.1f} s; generation stopped after {tokens} tokens"),
                   DEADLINE)
 
@@ -318,8 +357,13 @@ class Scheduler:
                     self._reject(job, one_exc)
             jobs = ok
         self.stats.add_s += time.perf_counter() - t0
+        timings = getattr(self.engine, "last_add_timings", None)   # (vision_s, prefill_s) of the last add
+        if timings is not None and jobs:
+            self.add_timings.append(timings)
+        admitted = self.clock()
         for job, handle in zip(jobs, handles):
             job.handle = handle
+            job.admitted_at = admitted
             self._active[handle] = job
         self.stats.admitted += len(jobs)
         if running:
@@ -329,11 +373,11 @@ class Scheduler:
     def _reject(self, job: Job, exc: Exception) -> None:
         if isinstance(exc, ValueError):
             self.stats.rejected += 1
-            _fail(job, client_message("INVALID_ARGUMENT", exc)[:500], INVALID_ARG)
+            self._fail(job, client_message("INVALID_ARGUMENT", exc)[:500], INVALID_ARG)
         else:
             self.stats.failed += 1
             self.log_error(f"engine.add failed: {type(exc).__name__}: {exc}")
-            _fail(job, f"generation failed: {type(exc).__name__}: {exc}"[:500], INTERNAL)
+            self._fail(job, f"generation failed: {type(exc).__name__}: {exc}"[:500], INTERNAL)
 
     def _check_cancelled(self) -> None:
         now = self.clock()
@@ -354,7 +398,7 @@ class Scheduler:
                 self.stats.cancelled += 1
                 self._active.pop(handle, None)
                 if event is None:
-                    _fail(job, "cancelled", INTERNAL)
+                    self._fail(job, "cancelled", INTERNAL)
                 else:
                     self._dispatch(job, event)
 
@@ -385,14 +429,18 @@ class Scheduler:
             return
         try:
             arrays, final = job.coalescer.push(event)
+            if job.first_token_at is None and job.coalescer.completion_tokens:
+                job.first_token_at = self.clock()
             if arrays is not None:
                 job.sink.send(arrays, final=final)
                 self.stats.responses += 1
             if final:
                 job.done = True
+                reason = getattr(event.finish_reason, "value", event.finish_reason)
+                self.finished.append(finished_record(job, self.clock(), finish_reason=str(reason)))
         except Exception as exc:  # noqa: BLE001 - a send failed (client gone?): end this job only
             self.log_error(f"sending a response failed: {type(exc).__name__}: {exc}")
-            _fail(job, "sending the response failed", INTERNAL)
+            self._fail(job, "sending the response failed", INTERNAL)
             if job.handle is not None and job.handle in self._active:
                 self._active.pop(job.handle, None)
                 try:
@@ -406,14 +454,22 @@ class Scheduler:
             job.sink.send(output_arrays(text="", token_ids=[], prompt_tokens=0, completion_tokens=0,
                                         finish_reason="cancelled"), final=True)
             job.done = True
+            self.finished.append(finished_record(job, self.clock(), finish_reason="cancelled"))
         except Exception:  # noqa: BLE001
-            _fail(job, "cancelled", INTERNAL)
+            self._fail(job, "cancelled", INTERNAL)
+
+    def _fail(self, job: Job, message: str, code: str) -> None:
+        """`_fail` plus the record for the metrics and one log line with the request id (the caller's error,
+        findable in the server's log)."""
+        if _fail(job, message, code):
+            self.finished.append(finished_record(job, self.clock(), error_code=code))
+            self.log_request_error(job.request_id, f"{code}: {message}")
 
     def _reset(self, message: str) -> None:
         failed = list(self._active.values())
         self._active.clear()
         for job in failed:
-            _fail(job, message, INTERNAL)
+            self._fail(job, message, INTERNAL)
         self.stats.failed += len(failed)
         self.stats.engine_resets += 1
         try:
@@ -422,12 +478,13 @@ class Scheduler:
             self.log_error(f"engine reset failed: {type(exc).__name__}: {exc}")
 
 
-def _fail(job: Job, message: str, code: str) -> None:
-    """The job's one final response, as an error. Never raises."""
+def _fail(job: Job, message: str, code: str) -> bool:
+    """The job's one final response, as an error. Never raises; False if the job had ended already."""
     if job.done:
-        return
+        return False
     job.done = True
     try:
         job.sink.fail(message, code=code)
     except Exception:  # noqa: BLE001 - nothing more we can do for this client
         pass
+    return True

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from ..protocol import MediaOptions
+from ..schema import MODEL_NAME
+from .stats import DEFAULT_PERCENTILES
 
 # Hard caps: a typo must not start an hour-long or unbounded run.
 MAX_REQUESTS = 100_000
@@ -44,6 +46,21 @@ class LoadConfig:
     level_timeout: float = 600.0              # hard cap per level for request-count mode
     metrics_url: Optional[str] = None
     seed: int = 0
+    # -- observability (docs/loadtest.md) --
+    urls: Sequence[str] = ()                  # every replica (workers spread round robin); empty: just `url`
+    metrics_urls: Sequence[str] = ()          # one per replica (default: `metrics_url`, or none)
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES
+    goodput: Optional[Dict[str, float]] = None  # SLO name -> ms (stats.SLO_FIELDS)
+    model_name: str = MODEL_NAME
+    ssl: bool = False
+    root_certificates: Optional[str] = None
+    private_key: Optional[str] = None
+    certificate_chain: Optional[str] = None
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def replicas(self) -> Tuple[str, ...]:
+        return tuple(self.urls) or (self.url,)
 
     def validate(self) -> None:
         if bool(self.concurrency) == bool(self.rate):
@@ -69,3 +86,7 @@ class LoadConfig:
             raise ValueError("give at least one --video")
         if not self.prompts:
             raise ValueError("give at least one prompt")
+        if self.goodput and "ttft_ms" in self.goodput and not self.stream:
+            raise ValueError("--goodput ttft_ms needs --stream (without it there is no time to first token)")
+        if self.goodput and "itl_ms" in self.goodput and not self.stream:
+            raise ValueError("--goodput itl_ms needs --stream")

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
+from .stats import DEFAULT_PERCENTILES, goodput, latency_stats
 
 
 @dataclass
@@ -23,18 +23,13 @@ class Record:
     itl_ms: Optional[float] = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    replica: Optional[str] = None      # the URL it was sent to (a replica, or the balancer in front of them)
+    request_id: str = ""               # the id the server logs it under
+    finish_reason: str = ""
 
 
-def _stats(values: Sequence[float]) -> Optional[Dict[str, float]]:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
-            "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "std": float(a.std())}
-
-
-def summarize(records: Sequence[Record]) -> Dict[str, object]:
+def summarize(records: Sequence[Record], *, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+              slos: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     ok = [r for r in records if r.error is None]
     errors: Dict[str, int] = {}
     examples: Dict[str, str] = {}
@@ -47,7 +42,11 @@ def summarize(records: Sequence[Record]) -> Dict[str, object]:
     else:
         wall = 0.0
     out_tokens = sum(r.output_tokens for r in ok)
-    return {
+
+    def _stats(values):
+        return latency_stats(values, percentiles)
+
+    out = {
         "requests": len(records),
         "successful_requests": len(ok),
         "failed_requests": len(records) - len(ok),
@@ -63,6 +62,9 @@ def summarize(records: Sequence[Record]) -> Dict[str, object]:
         "errors": errors,
         "error_examples": examples,
     }
+    if slos:
+        out["goodput"] = goodput(records, slos, wall)
+    return out
 
 
 # -- outputs ----------------------------------------------------------------------------------------------

@@ -20,17 +20,17 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
-from urllib.parse import urlsplit
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..aio import AsyncVideoChatClient
 from ..errors import VideoChatError
-from ..metrics import server_view, try_scrape
+from ..metrics import Scrape, server_view, try_scrape
 from ..protocol import load_media
 from ..retry import RetryPolicy
 from .config import MAX_REQUESTS, LoadConfig
 from .report import Record, summarize
+from .server_info import default_metrics_url, fleet_scrape, model_config, scrape_all
 
 
 @dataclass
@@ -83,10 +83,17 @@ class _Progress:
 
 
 class _Runner:
-    def __init__(self, cfg: LoadConfig, client: AsyncVideoChatClient, videos: List[bytes]):
-        self.cfg, self.client, self.videos = cfg, client, videos
+    def __init__(self, cfg: LoadConfig, clients: Sequence[Tuple[str, AsyncVideoChatClient]], videos: List[bytes]):
+        self.cfg, self.clients, self.videos = cfg, list(clients), videos
         self._next_video = 0
+        self._next_client = 0
         self.rng = random.Random(cfg.seed)
+
+    def _client(self) -> Tuple[str, AsyncVideoChatClient]:
+        """Sessions spread round robin over the replicas (--url several times)."""
+        pair = self.clients[self._next_client % len(self.clients)]
+        self._next_client += 1
+        return pair
 
     def _video(self) -> bytes:
         v = self.videos[self._next_video % len(self.videos)]
@@ -94,13 +101,14 @@ class _Runner:
         return v
 
     async def session(self, budget: _Budget, records: List[Record], t0: float, progress: Optional[_Progress]):
-        conv = self.client.conversation(self._video(), **asdict(self.cfg.media))
+        replica, client = self._client()
+        conv = client.conversation(self._video(), **asdict(self.cfg.media))
         for turn in range(self.cfg.turns):
             if not budget.take():
                 return
             question = self.cfg.prompts[turn % len(self.cfg.prompts)]
             start = time.perf_counter()
-            rec = Record(start=start - t0, end=0.0, turn=turn)
+            rec = Record(start=start - t0, end=0.0, turn=turn, replica=replica)
             try:
                 if self.cfg.stream:
                     stream = conv.ask_stream(question, max_new_tokens=self.cfg.max_new_tokens)
@@ -114,8 +122,10 @@ class _Runner:
                 rec.itl_ms = answer.timings.inter_token_latency_ms
                 rec.prompt_tokens = answer.usage.prompt_tokens
                 rec.output_tokens = answer.usage.completion_tokens
+                rec.request_id, rec.finish_reason = answer.request_id, answer.finish_reason
             except VideoChatError as e:
                 rec.error, rec.error_message = e.code, e.message
+                rec.request_id = e.request_id or ""
             rec.end = time.perf_counter() - t0
             records.append(rec)
             if progress:
@@ -167,37 +177,50 @@ class _Runner:
 
 
 
-async def _settled_scrape(url, before, successes: int, *, model: str = "videochat", wait_s: float = 3.0):
-    """Scrape after a level. Triton counts a decoupled request when it is released, which can be a moment after
-    the client saw its final response, so poll briefly until the model's success counter caught up."""
+async def _settled_scrape(urls: Sequence[str], before: Optional[Scrape], successes: int, *, model: str = "videochat",
+                          wait_s: float = 3.0):
+    """Scrape every replica after a level -> (each replica's scrape, the fleet's sum, an error). Triton counts a
+    decoupled request when it is released, which can be a moment after the client saw its final response, so
+    poll briefly until the fleet's success counter of the model caught up."""
     stop = time.perf_counter() + wait_s
     while True:
-        after, err = try_scrape(url)
+        afters, errors = scrape_all(urls, try_scrape)
+        after, err = fleet_scrape(afters), next((e for e in errors if e), None)
         if after is None or before is None or time.perf_counter() >= stop:
-            return after, err
+            return afters, after, err
         done = after.get("nv_inference_request_success", model=model) - before.get("nv_inference_request_success",
                                                                                     model=model)
         if done >= successes:
-            return after, err
+            return afters, after, err
         await asyncio.sleep(0.25)
 
 
-def default_metrics_url(grpc_url: str) -> str:
-    host = urlsplit("//" + grpc_url).hostname or "localhost"
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:8002/metrics"
+def _client_for(cfg: LoadConfig, url: str) -> AsyncVideoChatClient:
+    return AsyncVideoChatClient(url, timeout=cfg.timeout, model_name=cfg.model_name,
+                                retry_policy=RetryPolicy(max_retries=cfg.retries, initial_backoff=0.1),
+                                ssl=cfg.ssl, root_certificates=cfg.root_certificates, private_key=cfg.private_key,
+                                certificate_chain=cfg.certificate_chain, headers=dict(cfg.headers))
 
 
-async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[str, object]:
+def _server_configs(cfg: LoadConfig, clients) -> Dict[str, object]:
+    """Each replica's model configuration (Triton's model-config API), taken before the first level."""
+    return {url: model_config(client.config.tritonclient_kwargs(url), cfg.model_name) for url, client in clients}
+
+
+async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr,
+                       records_sink: Optional[Callable[[Dict[str, object], List[Record]], None]] = None
+                       ) -> Dict[str, object]:
+    """Run the sweep; `records_sink(level key, records)` gets each level's per-request records."""
     cfg.validate()
     videos = [load_media(v) for v in cfg.videos]
     n_requests = cfg.requests if cfg.requests is not None else (MAX_REQUESTS if cfg.duration else 32)
     per_level_s = cfg.duration if cfg.duration is not None else cfg.level_timeout
     levels: List[Dict[str, object]] = []
-    client = AsyncVideoChatClient(cfg.url, timeout=cfg.timeout,
-                                  retry_policy=RetryPolicy(max_retries=cfg.retries, initial_backoff=0.1))
-    async with client:
-        runner = _Runner(cfg, client, videos)
+    metrics_urls = list(cfg.metrics_urls) or ([cfg.metrics_url] if cfg.metrics_url else [])
+    clients = [(url, _client_for(cfg, url)) for url in cfg.replicas]
+    server_config = await asyncio.get_running_loop().run_in_executor(None, _server_configs, cfg, clients)
+    try:
+        runner = _Runner(cfg, clients, videos)
         if cfg.warmup:
             budget = _Budget(cfg.warmup, time.perf_counter() + per_level_s)
             width = min(cfg.warmup, max(cfg.concurrency or [1]))
@@ -207,7 +230,8 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
                 p.close()
         sweep = [("concurrency", c) for c in cfg.concurrency] + [("rate", r) for r in cfg.rate]
         for kind, value in sweep:
-            before, scrape_error = try_scrape(cfg.metrics_url)
+            befores, errors_before = scrape_all(metrics_urls, try_scrape)
+            before, scrape_error = fleet_scrape(befores), next((e for e in errors_before if e), None)
             budget = _Budget(n_requests, time.perf_counter() + per_level_s)
             total = n_requests if cfg.requests is not None or not cfg.duration else None
             p = _Progress(f"{kind}={value}", total, stream=progress_stream) if progress_stream else None
@@ -217,15 +241,25 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
                 records, extra = await runner.open_loop(float(value), budget, p)
             if p:
                 p.close()
-            after, err2 = await _settled_scrape(cfg.metrics_url, before, sum(r.error is None for r in records))
+            afters, after, err2 = await _settled_scrape(metrics_urls, before, sum(r.error is None for r in records),
+                                                        model=cfg.model_name)
             level: Dict[str, object] = {kind: value, "mode": "closed" if kind == "concurrency" else "open"}
-            level.update(summarize(records))
+            level.update(summarize(records, percentiles=cfg.percentiles, slos=cfg.goodput))
             level.update(extra)
             if before is not None and after is not None:
                 level["server"] = server_view(before, after)
-            elif cfg.metrics_url:
+            elif metrics_urls:
                 level["server"] = {"error": scrape_error or err2}
+            if len(metrics_urls) > 1:   # and each replica's own view
+                level["servers"] = {url: server_view(b, a) if b is not None and a is not None
+                                    else {"error": "scrape failed"}
+                                    for url, b, a in zip(metrics_urls, befores, afters)}
             levels.append(level)
+            if records_sink is not None:
+                records_sink({kind: value}, records)
+    finally:
+        for _, client in clients:
+            await client.close()
     return {
         "tool": "videochat loadtest",
         "client_version": __version__,
@@ -236,6 +270,10 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
             "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
             "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
             "max_inflight": cfg.max_inflight, "seed": cfg.seed,
+            "urls": list(cfg.replicas), "metrics_urls": metrics_urls, "model": cfg.model_name,
+            "percentiles": list(cfg.percentiles), "goodput_slos": cfg.goodput or None, "ssl": cfg.ssl,
+            "header_names": sorted(k for k, _ in cfg.headers),   # names only: values may be credentials
         },
+        "server_config": server_config,
         "levels": levels,
     }

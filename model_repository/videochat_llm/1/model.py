@@ -6,9 +6,12 @@ Decoupled: execute returns None and the scheduler streams (coalesced) responses 
 Not decoupled: each job holds its whole answer in a BlockingSink, and execute returns them once all are done.
 This file only converts tensors, errors and flags; the logic lives in videochat/serving/.
 """
+import time
+
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, batch_stats, build_chat_request
+from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, arrival_on, batch_stats, build_chat_request
+from videochat.serving.logs import tagged
 from videochat.serving.metrics import LLMMetrics
 from videochat.serving.requests import RequestError, invalid_argument, parse_timeout_ms
 from videochat.serving.scheduler import DEADLINE, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
@@ -29,7 +32,8 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
         self.model = VideoChatModel.from_checkpoint(s.checkpoint, device=s.device, dtype=dtype)
-        self.metrics = LLMMetrics(pb_utils, model=args["model_name"], instance=args.get("model_instance_name", ""))
+        self.metrics = LLMMetrics(pb_utils, model=args["model_name"],
+                                  model_instance=args.get("model_instance_name", ""))
         cache = VisualCache(s.visual_cache_bytes) if s.visual_cache_bytes else None
         threads = torch.get_num_threads()
 
@@ -43,7 +47,8 @@ class TritonPythonModel:
                                    log_error=self.logger.log_error, on_progress=self._on_progress,
                                    cancel_check_interval_ms=CANCEL_CHECK_INTERVAL_MS,
                                    join_running=s.batching == "inflight", max_queue=s.max_queue,
-                                   request_timeout_s=s.request_timeout_s)
+                                   request_timeout_s=s.request_timeout_s,
+                                   log_request_error=lambda rid, m: self.logger.log_warn(tagged(rid, m)))
         self.metrics.watch_scheduler(self.scheduler)
         if cache is not None:
             self.metrics.watch_visual_cache(cache)
@@ -56,17 +61,20 @@ class TritonPythonModel:
         for request in requests:
             sink = BlockingSink() if unary else _Sink(request.get_response_sender(), self.metrics)
             sinks.append(sink)
+            request_id = request.request_id()
             try:
                 p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit)
                 timeout_ms = parse_timeout_ms(request.parameters())   # the ensemble passes them to every step
             except RequestError as exc:   # this request only; its batch-mates go on
-                self.metrics.rejected.increment(1)
+                self.metrics.on_rejected()
+                self.logger.log_warn(tagged(request_id, f"{INVALID_ARG}: {invalid_argument(exc)}"))
                 sink.fail(invalid_argument(exc), code=INVALID_ARG)
                 continue
             parsed.append(p)
+            arrived = arrival_on(self.scheduler.clock(), p.received_unix, now_unix=time.time())
             jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
                             coalescer=StreamCoalescer(None) if unary else None,   # None: only the final
-                            timeout_ms=timeout_ms))
+                            timeout_ms=timeout_ms, request_id=request_id, arrived_at=arrived))
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
