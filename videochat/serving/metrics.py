@@ -7,10 +7,13 @@ the last sync, so the hot path only bumps Python ints and the IPC to the server 
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+# video bytes received per request: 0 (a follow-up by media_key), then 64 KiB .. 1 GiB in powers of 4
+UPLOAD_BYTES_BUCKETS = [0] + [64 * 1024 * 4 ** i for i in range(8)]
 SYNC_INTERVAL_S = 0.1
 
 
@@ -41,6 +44,7 @@ class Mirror:
         self._counters: list[tuple[Any, Callable[[], int], list[int]]] = []
         self._gauges: list[tuple[Any, Callable[[], float], list[float | None]]] = []
         self._last = 0.0
+        self._lock = threading.Lock()   # execute() and the scheduler's thread both sync
 
     def counter(self, metric: Any, read: Callable[[], int]) -> None:
         self._counters.append((metric, read, [0]))
@@ -49,6 +53,10 @@ class Mirror:
         self._gauges.append((metric, read, [None]))
 
     def sync(self, *, force: bool = False) -> None:
+        with self._lock:
+            self._sync(force)
+
+    def _sync(self, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self._last < SYNC_INTERVAL_S:
             return
@@ -112,6 +120,11 @@ class LLMMetrics:
                                     "Visual tokens taken from the cache (ViT + QFormer skipped)", "COUNTER")
         self.visual_misses = g.metric("videochat_visual_cache_misses_total", "Visual-token cache misses",
                                       "COUNTER")
+        # follow-ups by media_key (docs/serving.md, "Follow-ups without re-upload"); no instance label: a sum
+        self.reference_hits = f.metric("videochat_media_reference_hits_total",
+                                       "Follow-ups by media_key answered from the visual-token cache", "COUNTER")
+        self.reference_misses = f.metric("videochat_media_reference_misses_total",
+                                         "Follow-ups by media_key refused NOT_FOUND (not cached here)", "COUNTER")
         self.mirror = Mirror()
 
     def on_batch(self, stats: Mapping[str, int]) -> None:
@@ -144,6 +157,10 @@ class LLMMetrics:
         self.mirror.counter(self.send_us, lambda: int(s.send_s * 1e6))
         self.mirror.counter(self.responses, lambda: s.responses)
 
+    def watch_references(self, references: Any) -> None:
+        self.mirror.counter(self.reference_hits, lambda: references.hits)
+        self.mirror.counter(self.reference_misses, lambda: references.misses)
+
     def watch_visual_cache(self, cache: Any) -> None:
         self.mirror.counter(self.visual_hits, lambda: cache.hits)
         self.mirror.counter(self.visual_misses, lambda: cache.misses)
@@ -161,6 +178,19 @@ class PreprocessMetrics:
                             lambda: cache.misses)
         self.mirror.gauge(f.metric("videochat_media_cache_bytes", "Bytes held by the media cache", "GAUGE"),
                           lambda: cache.bytes)
+        totals = _Family(pb_utils, {"model": model})   # summed over instances
+        self.video_bytes = totals.metric("videochat_request_video_bytes",
+                                         "Video bytes received per request (0: a follow-up by media_key)",
+                                         "HISTOGRAM", buckets=UPLOAD_BYTES_BUCKETS)
+        self.reuploads = totals.metric("videochat_media_reuploads_total",
+                                       "Requests that sent the bytes with a media_key (a re-upload after a miss)",
+                                       "COUNTER")
+        self._totals = totals
+
+    def on_upload(self, nbytes: int, reupload: bool) -> None:
+        self.video_bytes.observe(nbytes)
+        if reupload:
+            self.reuploads.increment(1)
 
     def watch_decode_pool(self, stats: Any) -> None:
         """Decode isolation (decode_worker.PoolStats): inputs that crashed, hung or exhausted a worker."""

@@ -44,6 +44,7 @@ class LoadConfig:
     level_timeout: float = 600.0              # hard cap per level for request-count mode
     metrics_url: Optional[str] = None
     seed: int = 0
+    media_reference: bool = True              # turns 2..N send the media_key, not the bytes (--no-media-reference)
 
     def validate(self) -> None:
         if bool(self.concurrency) == bool(self.rate):

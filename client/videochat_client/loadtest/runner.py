@@ -94,7 +94,8 @@ class _Runner:
         return v
 
     async def session(self, budget: _Budget, records: List[Record], t0: float, progress: Optional[_Progress]):
-        conv = self.client.conversation(self._video(), **asdict(self.cfg.media))
+        conv = self.client.conversation(self._video(), media_reference=self.cfg.media_reference,
+                                        **asdict(self.cfg.media))
         for turn in range(self.cfg.turns):
             if not budget.take():
                 return
@@ -114,6 +115,8 @@ class _Runner:
                 rec.itl_ms = answer.timings.inter_token_latency_ms
                 rec.prompt_tokens = answer.usage.prompt_tokens
                 rec.output_tokens = answer.usage.completion_tokens
+                rec.video_bytes_sent = answer.video_bytes_sent
+                rec.reuploaded = answer.reuploaded
             except VideoChatError as e:
                 rec.error, rec.error_message = e.code, e.message
             rec.end = time.perf_counter() - t0
@@ -235,7 +238,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
             "stream": cfg.stream, "warmup": cfg.warmup, "requests_per_level": cfg.requests,
             "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
             "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
-            "max_inflight": cfg.max_inflight, "seed": cfg.seed,
+            "max_inflight": cfg.max_inflight, "seed": cfg.seed, "media_reference": cfg.media_reference,
         },
         "levels": levels,
     }

@@ -36,7 +36,8 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         try:
-            arrays = preprocess_request(get, self.settings, self.cache, self.decoder.decode)
+            arrays = preprocess_request(get, self.settings, self.cache, self.decoder.decode,
+                                        on_upload=self.metrics.on_upload)
         except RequestError as exc:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(invalid_argument(exc), pb_utils.TritonError.INVALID_ARG))

@@ -8,10 +8,12 @@ This file only converts tensors, errors and flags; the logic lives in videochat/
 """
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, batch_stats, build_chat_request
+from videochat.serving.llm import (CpuThreadsEngine, MediaReferences, StreamCoalescer, batch_stats,
+                                   build_chat_request)
 from videochat.serving.metrics import LLMMetrics
-from videochat.serving.requests import RequestError, invalid_argument, parse_timeout_ms
-from videochat.serving.scheduler import DEADLINE, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
+from videochat.serving.requests import MediaNotCached, RequestError, invalid_argument, not_cached, parse_timeout_ms
+from videochat.serving.scheduler import (DEADLINE, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BlockingSink, Job,
+                                         Scheduler)
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -31,6 +33,7 @@ class TritonPythonModel:
         self.model = VideoChatModel.from_checkpoint(s.checkpoint, device=s.device, dtype=dtype)
         self.metrics = LLMMetrics(pb_utils, model=args["model_name"], instance=args.get("model_instance_name", ""))
         cache = VisualCache(s.visual_cache_bytes) if s.visual_cache_bytes else None
+        self.references = MediaReferences(cache)   # this instance's secret: keys are valid here only
         threads = torch.get_num_threads()
 
         def make_engine():
@@ -47,6 +50,7 @@ class TritonPythonModel:
         self.metrics.watch_scheduler(self.scheduler)
         if cache is not None:
             self.metrics.watch_visual_cache(cache)
+        self.metrics.watch_references(self.references)
         self.scheduler.start()
         self.logger.log_info(f"videochat_llm ready: {s}")
 
@@ -57,19 +61,24 @@ class TritonPythonModel:
             sink = BlockingSink() if unary else _Sink(request.get_response_sender(), self.metrics)
             sinks.append(sink)
             try:
-                p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit)
+                p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit,
+                                       references=self.references)
                 timeout_ms = parse_timeout_ms(request.parameters())   # the ensemble passes them to every step
             except RequestError as exc:   # this request only; its batch-mates go on
                 self.metrics.rejected.increment(1)
                 sink.fail(invalid_argument(exc), code=INVALID_ARG)
                 continue
+            except MediaNotCached as exc:   # counted by self.references; the client resends with the bytes
+                sink.fail(not_cached(exc), code=NOT_FOUND)
+                continue
             parsed.append(p)
             jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
-                            coalescer=StreamCoalescer(None) if unary else None,   # None: only the final
-                            timeout_ms=timeout_ms))
+                            coalescer=StreamCoalescer(None, media_key=p.media_key) if unary else None,
+                            timeout_ms=timeout_ms, media_key=p.media_key))   # unary: only the final
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
+        self.metrics.mirror.sync()   # reference hits/misses also when nothing was submitted
         return [self._unary_response(sink) for sink in sinks] if unary else None
 
     def _unary_response(self, sink):
@@ -112,7 +121,8 @@ def _code(code):
     """The scheduler's error code -> Triton's (pb_utils.TritonError exists only once the stub runs a model).
     Triton has no DEADLINE_EXCEEDED: CANCELLED it is, and the message's "deadline exceeded: " prefix says why."""
     e = pb_utils.TritonError
-    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE, DEADLINE: e.CANCELLED}.get(code, e.INTERNAL)
+    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE, DEADLINE: e.CANCELLED,
+            NOT_FOUND: e.NOT_FOUND}.get(code, e.INTERNAL)
 
 
 def _getter(request):
