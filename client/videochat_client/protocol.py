@@ -101,7 +101,7 @@ def build_inputs(*, video: Optional[bytes], prompt: str, history: Sequence[Tuple
     if not isinstance(prompt, str):
         raise InvalidArgument(f"question must be a str, got {type(prompt).__name__}")
     values = {
-        "video": video, "media_key": media_key or None, "prompt": prompt,
+        "video": video, "media_reference": media_key or None, "prompt": prompt,
         "history": json.dumps([[q, a] for q, a in history], ensure_ascii=False) if history else None,
         "msg": media.msg or None, "instruction": media.instruction, "image": media.image,
         "num_segments": media.num_segments, "hd_num": media.hd_num, "padding": media.padding,

@@ -34,7 +34,7 @@ def _never_decode(*_args):
 
 def test_a_reference_is_not_decoded_and_counts_no_bytes():
     seen = []
-    out = preprocess_request(getter_from_mapping({"MEDIA_KEY": b("mk1:abc"), "PROMPT": b("hi")}),
+    out = preprocess_request(getter_from_mapping({"MEDIA_REFERENCE": b("mk1:abc"), "PROMPT": b("hi")}),
                              PreprocessSettings(), decode=_never_decode, on_upload=lambda n, re: seen.append((n, re)))
     assert out["PIXEL_VALUES"].shape == EMPTY_PIXELS_SHAPE and out["PIXEL_VALUES"].dtype == np.float16
     info = json.loads(out["MEDIA_INFO"][0, 0])
@@ -44,7 +44,7 @@ def test_a_reference_is_not_decoded_and_counts_no_bytes():
 
 def test_bytes_with_a_key_are_a_counted_reupload_and_neither_is_refused():
     seen = []
-    out = preprocess_request(getter_from_mapping({"VIDEO": b(IMAGE), "MEDIA_KEY": b("mk1:stale"), "PROMPT": b("hi"),
+    out = preprocess_request(getter_from_mapping({"VIDEO": b(IMAGE), "MEDIA_REFERENCE": b("mk1:stale"), "PROMPT": b("hi"),
                                                   "IMAGE": np.array([[True]])}),
                              PreprocessSettings(), on_upload=lambda n, re: seen.append((n, re)))
     assert out["PIXEL_VALUES"].shape[1] >= 1 and "media_key" in json.loads(out["MEDIA_INFO"][0, 0])
@@ -52,7 +52,7 @@ def test_bytes_with_a_key_are_a_counted_reupload_and_neither_is_refused():
     with pytest.raises(RequestError, match="no video"):
         preprocess_request(getter_from_mapping({"PROMPT": b("hi")}), PreprocessSettings())
     with pytest.raises(RequestError, match="longer than"):
-        preprocess_request(getter_from_mapping({"PROMPT": b("hi"), "MEDIA_KEY": b("k" * 300)}), PreprocessSettings())
+        preprocess_request(getter_from_mapping({"PROMPT": b("hi"), "MEDIA_REFERENCE": b("k" * 300)}), PreprocessSettings())
 
 
 class _Cache:
@@ -180,7 +180,7 @@ def test_attempt_plan_key_first_then_bytes_once():
     with pytest.raises(InvalidArgument):
         media_attempts(None, None)
     names = [i.name() for i in build_inputs(video=None, media_key="k", prompt="q")]
-    assert "video" not in names and "media_key" in names
+    assert "video" not in names and "media_reference" in names
 
 
 def test_the_miss_error_maps_to_media_not_cached_in_and_out_of_streams():

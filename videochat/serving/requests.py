@@ -122,7 +122,7 @@ def video_bytes(get: Getter, name: str = schema.INPUT_BY_NAME["video"].internal)
     return value
 
 
-def media_reference(get: Getter, name: str = schema.INPUT_BY_NAME["media_key"].internal) -> str | None:
+def media_reference(get: Getter, name: str = schema.INPUT_BY_NAME["media_reference"].internal) -> str | None:
     """The `media_key` a client sent back (None when absent or empty). Only its length is checked here: any
     other value simply is not in the cache, which is the same answer as for an evicted key."""
     if get(name) is None:
@@ -131,12 +131,12 @@ def media_reference(get: Getter, name: str = schema.INPUT_BY_NAME["media_key"].i
     if not isinstance(value, bytes):
         raise RequestError(f"input '{name.lower()}' must be BYTES")
     if len(value) > schema.MAX_MEDIA_KEY_BYTES:
-        raise RequestError(f"media_key is longer than {schema.MAX_MEDIA_KEY_BYTES} bytes")
+        raise RequestError(f"media_reference is longer than {schema.MAX_MEDIA_KEY_BYTES} bytes")
     return value.decode("utf-8", errors="replace") or None
 
 
 # the media inputs that are not sampling options
-_NOT_OPTIONS = ("video", "media_key")
+_NOT_OPTIONS = ("video", "media_reference")
 
 
 def parse_media_options(get: Getter) -> MediaOptions:

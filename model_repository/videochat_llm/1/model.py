@@ -56,7 +56,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         unary = not self.settings.decoupled
-        jobs, parsed, sinks = [], [], []
+        jobs, parsed, sinks, missed = [], [], [], False
         for request in requests:
             sink = BlockingSink() if unary else _Sink(request.get_response_sender(), self.metrics)
             sinks.append(sink)
@@ -70,6 +70,7 @@ class TritonPythonModel:
                 continue
             except MediaNotCached as exc:   # counted by self.references; the client resends with the bytes
                 sink.fail(not_cached(exc), code=NOT_FOUND)
+                missed = True
                 continue
             parsed.append(p)
             jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
@@ -78,7 +79,8 @@ class TritonPythonModel:
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
-        self.metrics.mirror.sync()   # reference hits/misses also when nothing was submitted
+        if missed:   # nothing may reach the scheduler, whose progress syncs the counters otherwise
+            self.metrics.mirror.sync(force=True)
         return [self._unary_response(sink) for sink in sinks] if unary else None
 
     def _unary_response(self, sink):
