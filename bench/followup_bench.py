@@ -9,16 +9,14 @@ Per clip and mode: video bytes uploaded per conversation, the first turn's laten
 from the cache, misses, re-uploads, video bytes received). The modes alternate, one conversation each per
 repeat; every conversation is new (its own session), but the clip is the same, so in both modes the follow-ups
 hit the server's caches: the difference is what the upload itself costs (bytes over gRPC, the client's
-serialization, and the server hashing the bytes again). The large clip is generated with ffmpeg (lossless
+serialization, and the server hashing the bytes again). The large clip is generated with PyAV (lossless
 x264 of noise, so it does not compress) into a temp dir, never into the repository.
 Writes bench/results/followup.json and prints a table.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,14 +47,26 @@ def parse_args(argv=None):
 
 
 def make_large_clip(path: Path, target_mb: int) -> Path:
-    """1080p noise, lossless x264: ~2.2 MB a frame, so the size is set by the frame count."""
-    if not shutil.which("ffmpeg"):
-        raise SystemExit("ffmpeg is needed to generate the large clip")
-    frames = max(8, int(target_mb / 2.2) + 1)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "nullsrc=s=1920x1080:r=25,geq=random(1)*255:128:128", "-frames:v", str(frames),
-                    "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", "-pix_fmt", "yuv420p", str(path)],
-                   check=True)
+    """1080p noise, lossless x264 (PyAV; the ffmpeg CLI may be missing): noise does not compress, so the size
+    is set by the frame count. Stops once the file passes target_mb."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"qp": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
+        written = 0
+        for _ in range(400):
+            luma = rng.integers(0, 256, (1080, 1920), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.stack([luma] * 3, axis=-1), format="rgb24")
+            for packet in stream.encode(frame):
+                written += packet.size
+                out.mux(packet)
+            if written >= target_mb * 1e6:
+                break
+        for packet in stream.encode():
+            out.mux(packet)
     return path
 
 
