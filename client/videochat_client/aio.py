@@ -16,9 +16,9 @@ from tritonclient.utils import InferenceServerException
 
 from .client import make_config, timeout_parameters
 from .conversation import ConversationBase, _gen_kwargs
-from .errors import VideoChatError, is_retryable, to_error
-from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, VideoLike, build_inputs,
-                       load_media, parse_chunk)
+from .errors import MediaNotCached, VideoChatError, is_retryable, to_error
+from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, MediaOptions, MediaSent, VideoLike,
+                       build_inputs, load_media, media_attempts, parse_chunk)
 from .retry import RetryPolicy
 from .schema import DEFAULTS, MODEL_NAME
 from .types import Answer, Chunk
@@ -82,26 +82,48 @@ class AsyncVideoChatClient:
 
     def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = DEFAULTS.num_segments, hd_num: int = DEFAULTS.hd_num,
                      padding: bool = False, msg: str = "", instruction: Optional[str] = None,
-                     history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None
-                     ) -> "AsyncConversation":
+                     history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None,
+                     media_reference: bool = True) -> "AsyncConversation":
         media = MediaOptions(image=image, num_segments=num_segments, hd_num=hd_num, padding=padding,
                              msg=msg, instruction=instruction)
-        return AsyncConversation(self, video=video, media=media, history=history, session_id=session_id)
+        return AsyncConversation(self, video=video, media=media, history=history, session_id=session_id,
+                                 media_reference=media_reference)
 
-    async def generate(self, *, video: VideoLike, prompt: str, history: Sequence[Tuple[str, str]] = (),
-                       media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
-                       timeout=NOT_GIVEN, max_retries: Optional[int] = None, request_id: Optional[str] = None,
-                       headers: Optional[Dict[str, str]] = None) -> AsyncIterator[Chunk]:
-        """Async generator of the responses of one turn (see VideoChatClient.generate)."""
-        inputs = build_inputs(video=load_media(video), prompt=prompt, history=history, media=media, gen=gen)
+    async def generate(self, *, video: Optional[VideoLike] = None, prompt: str,
+                       history: Sequence[Tuple[str, str]] = (), media: MediaOptions = MediaOptions(),
+                       gen: GenerationOptions = GenerationOptions(), timeout=NOT_GIVEN,
+                       max_retries: Optional[int] = None, request_id: Optional[str] = None,
+                       headers: Optional[Dict[str, str]] = None, media_key: Optional[str] = None,
+                       sent: Optional[MediaSent] = None) -> AsyncIterator[Chunk]:
+        """Async generator of the responses of one turn (see VideoChatClient.generate: media_key first, the
+        bytes once if it missed)."""
+        data = None if video is None else load_media(video)
+        sent = sent if sent is not None else MediaSent()
         rid = request_id or uuid.uuid4().hex
         deadline = self.config.timeout if timeout is NOT_GIVEN else timeout
         retries = self.config.retry.max_retries if max_retries is None else max_retries
         hdrs = self.config.merged_headers(headers)
+        tries = media_attempts(data, media_key)
+        for i, (v, key) in enumerate(tries):
+            inputs = build_inputs(video=v, media_key=key, prompt=prompt, history=history, media=media, gen=gen)
+            try:
+                async for chunk in self._with_retries(inputs, len(v or b""), sent, request_id=rid,
+                                                      timeout=deadline, retries=retries, headers=hdrs):
+                    yield chunk
+                return
+            except MediaNotCached:   # raised before any response: resending cannot duplicate output
+                if i + 1 == len(tries):
+                    raise
+                sent.reuploaded = True
+
+    async def _with_retries(self, inputs, nbytes: int, sent: MediaSent, *, request_id: str,
+                            timeout: Optional[float], retries: int, headers: Dict[str, str]
+                            ) -> AsyncIterator[Chunk]:
         for attempt in itertools.count():
             started = False
+            sent.video_bytes_sent += nbytes
             try:
-                async for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs,
+                async for chunk in self._attempt(inputs, request_id=request_id, timeout=timeout, headers=headers,
                                                  url=self.config.url_for(attempt)):
                     started = True
                     yield chunk
@@ -159,7 +181,7 @@ class AsyncAnswerStream:
     """Async iterator over text pieces; `.answer` once exhausted (then the turn is in the history)."""
 
     def __init__(self, chunks: Callable[[], AsyncIterator[Chunk]], *, prompt: str, request_id: str,
-                 on_done: Callable[[Answer], None]):
+                 on_done: Callable[[Answer], Answer]):
         self._make_chunks = chunks
         self._prompt = prompt
         self.request_id = request_id
@@ -177,8 +199,7 @@ class AsyncAnswerStream:
                     yield chunk.text
         finally:
             await chunks.aclose()
-        self.answer = builder.finish()
-        self._on_done(self.answer)
+        self.answer = self._on_done(builder.finish())
 
     def __aiter__(self) -> "AsyncAnswerStream":
         return self
@@ -216,4 +237,4 @@ class AsyncConversation(ConversationBase):
         kw = self._request(question, _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k,
                                                  repetition_penalty, seed), timeout)
         return AsyncAnswerStream(lambda: self._client.generate(**kw), prompt=question,
-                                 request_id=kw["request_id"], on_done=self._record)
+                                 request_id=kw["request_id"], on_done=self._on_done(kw))

@@ -124,6 +124,9 @@ def _media(p: argparse.ArgumentParser) -> None:
     g.add_argument("--padding", action="store_true", help="HD mode with padding")
     g.add_argument("--msg", default="", help="system text after the media (model card's msg)")
     g.add_argument("--instruction", default=None, help="QFormer/LLM instruction")
+    g.add_argument("--no-media-reference", action="store_true",
+                   help="send the video's bytes every turn (default: follow-ups send the server's media_key and "
+                        "re-upload only if it missed)")
 
 
 def _generation(p: argparse.ArgumentParser) -> None:
@@ -166,9 +169,13 @@ def _gen_kwargs(args) -> dict:
 
 def _conversation(client: VideoChatClient, args) -> Conversation:
     if getattr(args, "resume", None):
-        return _read_conversation(args.resume, client, args.video)
+        conv = _read_conversation(args.resume, client, args.video)
+        if args.no_media_reference:
+            conv.media_reference, conv.media_key = False, None
+        return conv
     return client.conversation(args.video, image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
-                               padding=args.padding, msg=args.msg, instruction=args.instruction)
+                               padding=args.padding, msg=args.msg, instruction=args.instruction,
+                               media_reference=not args.no_media_reference)
 
 
 def _save(conv: Conversation, path: Optional[str]) -> None:
@@ -204,7 +211,8 @@ def cmd_ask(args) -> int:
                               "usage": {"prompt_tokens": answer.usage.prompt_tokens,
                                         "completion_tokens": answer.usage.completion_tokens,
                                         "total_tokens": answer.usage.total_tokens},
-                              "token_ids": list(answer.token_ids)})
+                              "token_ids": list(answer.token_ids),
+                              "video_bytes_sent": answer.video_bytes_sent, "reuploaded": answer.reuploaded})
         finally:
             _save(conv, args.save)
     if args.json:
@@ -317,7 +325,8 @@ def cmd_loadtest(args) -> int:
         media=MediaOptions(image=args.image, num_segments=args.num_segments, hd_num=args.hd_num,
                            padding=args.padding, msg=args.msg, instruction=args.instruction),
         timeout=args.timeout, retries=args.retries, max_inflight=args.max_inflight,
-        metrics_url=metrics_urls[0] if metrics_urls else None, seed=args.seed)
+        metrics_url=metrics_urls[0] if metrics_urls else None, seed=args.seed,
+        media_reference=not args.no_media_reference)
     try:
         cfg.validate()
     except ValueError as e:
@@ -352,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("questions", nargs="+", help="questions, asked in order as one conversation")
     _connection(a), _media(a), _generation(a)
     a.add_argument("--stream", action="store_true", help="print answers as they are generated")
-    a.add_argument("--json", action="store_true", help='print {"turns": [{"prompt", "text", "latency_ms", "usage"}, ...]}')
+    a.add_argument("--json", action="store_true", help='print {"turns": [{"prompt", "text", "latency_ms", "usage", "video_bytes_sent", ...}, ...]}')
     a.add_argument("--save", metavar="FILE", help="write the conversation (history, options) as JSON")
     a.add_argument("--resume", metavar="FILE", help="continue a conversation saved with --save")
     a.set_defaults(func=cmd_ask)

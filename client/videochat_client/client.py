@@ -26,9 +26,9 @@ import grpc
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
-from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
-                       load_media, parse_chunk)
+from .errors import DeadlineExceeded, MediaNotCached, VideoChatError, is_retryable, to_error
+from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, MediaSent, VideoLike,
+                       build_inputs, load_media, media_attempts, parse_chunk)
 from .retry import RetryPolicy
 from .schema import DEFAULTS, MODEL_NAME, TIMEOUT_MS_PARAMETER
 from .types import Chunk
@@ -156,29 +156,53 @@ class VideoChatClient:
     # -- conversations ---------------------------------------------------------------------------------
     def conversation(self, video: VideoLike, *, image: bool = False, num_segments: int = DEFAULTS.num_segments, hd_num: int = DEFAULTS.hd_num,
                      padding: bool = False, msg: str = "", instruction: Optional[str] = None,
-                     history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None):
-        """A multi-turn conversation about one video (or image). `history` continues an earlier one."""
+                     history: Sequence[Tuple[str, str]] = (), session_id: Optional[str] = None,
+                     media_reference: bool = True):
+        """A multi-turn conversation about one video (or image). `history` continues an earlier one.
+        `media_reference`: follow-ups send the server's `media_key` instead of the bytes (and resend the bytes
+        once if it missed); False sends the bytes every turn."""
         from .conversation import Conversation
         media = MediaOptions(image=image, num_segments=num_segments, hd_num=hd_num, padding=padding,
                              msg=msg, instruction=instruction)
-        return Conversation(self, video=video, media=media, history=history, session_id=session_id)
+        return Conversation(self, video=video, media=media, history=history, session_id=session_id,
+                            media_reference=media_reference)
 
     # -- the one RPC -----------------------------------------------------------------------------------
-    def generate(self, *, video: VideoLike, prompt: str, history: Sequence[Tuple[str, str]] = (),
+    def generate(self, *, video: Optional[VideoLike] = None, prompt: str, history: Sequence[Tuple[str, str]] = (),
                  media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
                  timeout=NOT_GIVEN, max_retries: Optional[int] = None, request_id: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None) -> Iterator[Chunk]:
+                 headers: Optional[Dict[str, str]] = None, media_key: Optional[str] = None,
+                 sent: Optional[MediaSent] = None) -> Iterator[Chunk]:
         """Low-level: stream the responses of one turn as `Chunk`s (the last has `final=True`).
-        Retries retryable errors with backoff, but only until the first response arrived."""
-        inputs = build_inputs(video=load_media(video), prompt=prompt, history=history, media=media, gen=gen)
+        Retries retryable errors with backoff, but only until the first response arrived.
+        With `media_key` (an earlier answer's) and `video`, the key goes first and the bytes only if the server
+        answers MediaNotCached, once; with only a `media_key`, MediaNotCached is raised. `sent` records the
+        video bytes sent and whether the turn was re-uploaded."""
+        data = None if video is None else load_media(video)
+        sent = sent if sent is not None else MediaSent()
         rid = request_id or uuid.uuid4().hex
         deadline = self.config.timeout if timeout is NOT_GIVEN else timeout
         retries = self.config.retry.max_retries if max_retries is None else max_retries
         hdrs = self.config.merged_headers(headers)
+        tries = media_attempts(data, media_key)
+        for i, (v, key) in enumerate(tries):
+            inputs = build_inputs(video=v, media_key=key, prompt=prompt, history=history, media=media, gen=gen)
+            try:
+                yield from self._with_retries(inputs, len(v or b""), sent, request_id=rid, timeout=deadline,
+                                              retries=retries, headers=hdrs)
+                return
+            except MediaNotCached:   # raised before any response: resending cannot duplicate output
+                if i + 1 == len(tries):
+                    raise
+                sent.reuploaded = True
+
+    def _with_retries(self, inputs, nbytes: int, sent: MediaSent, *, request_id: str, timeout: Optional[float],
+                      retries: int, headers: Dict[str, str]) -> Iterator[Chunk]:
         for attempt in itertools.count():
             started = False
+            sent.video_bytes_sent += nbytes
             try:
-                for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs,
+                for chunk in self._attempt(inputs, request_id=request_id, timeout=timeout, headers=headers,
                                            url=self.config.url_for(attempt)):
                     started = True
                     yield chunk

@@ -1,16 +1,21 @@
-"""Conversations: one video, many turns. The server is stateless, so every turn sends the video, the question
-and the history (docs/serving.md); the history is a value (tuple of (question, answer)) that only grows
-when a turn completed, and it round-trips through JSON so a conversation can continue elsewhere."""
+"""Conversations: one video, many turns. The server is stateless, so every turn sends the question and the
+history (docs/serving.md); the history is a value (tuple of (question, answer)) that only grows when a turn
+completed, and it round-trips through JSON so a conversation can continue elsewhere.
+
+The video's bytes go with the first turn; later turns send the `media_key` the server returned instead
+(`media_reference=True`, the default), and if that replica no longer holds it (MediaNotCached) the same turn goes
+again with the bytes, once (docs/client.md, "Follow-ups without re-upload")."""
 from __future__ import annotations
 
 import json
 import os
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from .errors import InvalidArgument
-from .protocol import NOT_GIVEN, AnswerBuilder, GenerationOptions, History, MediaOptions, VideoLike, load_media
+from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, History, MediaOptions, MediaSent, VideoLike,
+                       load_media)
 from .schema import DEFAULTS
 from .types import Answer, Chunk
 
@@ -31,7 +36,8 @@ class ConversationBase:
     """State shared by `Conversation` (sync) and `AsyncConversation`: media, history, session id, JSON."""
 
     def __init__(self, client, *, video: VideoLike, media: MediaOptions = MediaOptions(),
-                 history: Sequence[Sequence[str]] = (), session_id: Optional[str] = None):
+                 history: Sequence[Sequence[str]] = (), session_id: Optional[str] = None,
+                 media_reference: bool = True, media_key: Optional[str] = None):
         self._client = client
         self.video_path: Optional[str] = None if isinstance(video, (bytes, bytearray, memoryview)) \
             else os.fspath(video)
@@ -40,35 +46,51 @@ class ConversationBase:
         self._history: History = _as_history(history)
         self.session_id = session_id or uuid.uuid4().hex
         self.last_answer: Optional[Answer] = None
+        self.media_reference = media_reference
+        self.media_key: Optional[str] = media_key if media_reference else None   # the server's, once it gave one
+        self.video_bytes_sent = 0     # over all turns
+        self.reuploads = 0            # turns whose media_key missed and went again with the bytes
 
     @property
     def history(self) -> History:
         return self._history
 
-    def _record(self, answer: Answer) -> None:
+    def _record(self, answer: Answer, sent: MediaSent) -> Answer:
+        answer = replace(answer, video_bytes_sent=sent.video_bytes_sent, reuploaded=sent.reuploaded)
         self._history = self._history + ((answer.prompt, answer.text),)
         self.last_answer = answer
+        self.video_bytes_sent += sent.video_bytes_sent
+        self.reuploads += int(sent.reuploaded)
+        if self.media_reference:
+            self.media_key = answer.media_key or None   # "": this replica keeps nothing, send bytes next time
+        return answer
 
     def _request(self, question: str, gen_kwargs: Dict[str, Any], timeout) -> Dict[str, Any]:
         kw: Dict[str, Any] = dict(video=self._video, prompt=question, history=self._history, media=self.media,
                                   gen=GenerationOptions(**gen_kwargs), headers={SESSION_HEADER: self.session_id},
-                                  request_id=uuid.uuid4().hex)
+                                  request_id=uuid.uuid4().hex, media_key=self.media_key, sent=MediaSent())
         if timeout is not NOT_GIVEN:
             kw["timeout"] = timeout
         return kw
+
+    def _on_done(self, kw: Dict[str, Any]) -> Callable[[Answer], Answer]:
+        return lambda answer: self._record(answer, kw["sent"])
 
     # -- JSON ------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """Everything but the video bytes (the file path is kept when the conversation was made from one)."""
         return {"version": JSON_VERSION, "session_id": self.session_id, "video": self.video_path,
-                "media": asdict(self.media), "history": [list(t) for t in self._history]}
+                "media": asdict(self.media), "history": [list(t) for t in self._history],
+                "media_key": self.media_key}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, data: Union[str, bytes, Dict[str, Any]], client, *, video: Optional[VideoLike] = None):
-        """Continue a saved conversation with `client`; `video` overrides the saved path."""
+    def from_json(cls, data: Union[str, bytes, Dict[str, Any]], client, *, video: Optional[VideoLike] = None,
+                  media_reference: bool = True):
+        """Continue a saved conversation with `client`; `video` overrides the saved path. A saved media_key is
+        tried first (it misses on another or a restarted server, and the bytes go instead)."""
         d = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
         if d.get("version") != JSON_VERSION:
             raise InvalidArgument(f"unsupported conversation JSON version {d.get('version')!r}")
@@ -76,7 +98,7 @@ class ConversationBase:
         if src is None:
             raise InvalidArgument("the saved conversation has no video path; pass video=...")
         return cls(client, video=src, media=MediaOptions(**d.get("media", {})), history=d.get("history", ()),
-                   session_id=d.get("session_id"))
+                   session_id=d.get("session_id"), media_reference=media_reference, media_key=d.get("media_key"))
 
 
 def _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed) -> Dict[str, Any]:
@@ -89,7 +111,7 @@ class AnswerStream:
     turn is in the conversation's history. `close()` (or leaving a `with` block early) cancels the call."""
 
     def __init__(self, chunks: Callable[[], Iterator[Chunk]], *, prompt: str, request_id: str,
-                 on_done: Callable[[Answer], None]):
+                 on_done: Callable[[Answer], Answer]):
         self._make_chunks = chunks
         self._prompt = prompt
         self.request_id = request_id
@@ -105,8 +127,7 @@ class AnswerStream:
             builder.add(chunk)
             if chunk.text:
                 yield chunk.text
-        self.answer = builder.finish()
-        self._on_done(self.answer)
+        self.answer = self._on_done(builder.finish())
 
     def __iter__(self) -> "AnswerStream":
         return self
@@ -149,4 +170,4 @@ class Conversation(ConversationBase):
         kw = self._request(question, _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k,
                                                  repetition_penalty, seed), timeout)
         return AnswerStream(lambda: self._client.generate(**kw), prompt=question, request_id=kw["request_id"],
-                            on_done=self._record)
+                            on_done=self._on_done(kw))

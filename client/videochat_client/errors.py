@@ -6,6 +6,8 @@
     │                         a stream); NOT_FOUND "Request for unknown model" (draining replica / model not loaded)
     ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired, here or on the server)
     ├── Cancelled             CANCELLED
+    ├── MediaNotCached        NOT_FOUND "media not cached: ..." (a follow-up's media_key is not on this replica;
+    │                         generate() resends the turn with the bytes once, so callers with bytes never see it)
     └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
 
 Why message classification exists: Triton drops the status code of an error that arrives *inside* a gRPC
@@ -24,7 +26,7 @@ from typing import Optional
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from .schema import ERROR_PREFIXES
+from .schema import ERROR_PREFIXES, MEDIA_NOT_CACHED
 
 
 class VideoChatError(Exception):
@@ -60,6 +62,10 @@ class Cancelled(VideoChatError):
 
 class ServerError(VideoChatError):
     default_code = "INTERNAL"
+
+
+class MediaNotCached(VideoChatError):
+    default_code = MEDIA_NOT_CACHED
 
 
 _CLASS_BY_CODE = {
@@ -130,6 +136,8 @@ def _status_name(status: Optional[str]) -> Optional[str]:
 def error_from_code(code: str, message: str, *, request_id: Optional[str] = None) -> VideoChatError:
     if code == "NOT_FOUND" and _MODEL_MISSING.search(message):
         return Unavailable(message, code="NOT_FOUND", request_id=request_id)
+    if code == MEDIA_NOT_CACHED and declared_code(message) == MEDIA_NOT_CACHED:
+        return MediaNotCached(message, request_id=request_id)
     cls = _CLASS_BY_CODE.get(code, ServerError)
     return cls(message, code=code, request_id=request_id)
 

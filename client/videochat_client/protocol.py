@@ -75,14 +75,33 @@ def load_media(video: VideoLike) -> bytes:
     return data
 
 
-def build_inputs(*, video: bytes, prompt: str, history: Sequence[Tuple[str, str]] = (),
-                 media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions()
-                 ) -> List[InferInput]:
+@dataclass
+class MediaSent:
+    """What one turn sent, filled in by `generate` (the conversation copies it into the Answer)."""
+
+    video_bytes_sent: int = 0
+    reuploaded: bool = False     # the media_key missed (MediaNotCached) and the turn went again with the bytes
+
+
+def media_attempts(video: Optional[bytes], media_key: Optional[str]
+                   ) -> List[Tuple[Optional[bytes], Optional[str]]]:
+    """(video, media_key) of each try of one turn: with bytes and a key, first the key alone, then, only if it
+    missed, the bytes (with the stale key, so the server counts a re-upload); else just what was given."""
+    if video is None and not media_key:
+        raise InvalidArgument("give the video (bytes or a file) or a media_key")
+    if video is not None and media_key:
+        return [(None, media_key), (video, media_key)]
+    return [(video, media_key or None)]
+
+
+def build_inputs(*, video: Optional[bytes], prompt: str, history: Sequence[Tuple[str, str]] = (),
+                 media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
+                 media_key: Optional[str] = None) -> List[InferInput]:
     """The request tensors for one turn, in schema order. Inputs left at None are not sent (server default)."""
     if not isinstance(prompt, str):
         raise InvalidArgument(f"question must be a str, got {type(prompt).__name__}")
     values = {
-        "video": video, "prompt": prompt,
+        "video": video, "media_reference": media_key or None, "prompt": prompt,
         "history": json.dumps([[q, a] for q, a in history], ensure_ascii=False) if history else None,
         "msg": media.msg or None, "instruction": media.instruction, "image": media.image,
         "num_segments": media.num_segments, "hd_num": media.hd_num, "padding": media.padding,
@@ -117,6 +136,7 @@ def parse_chunk(result: InferResult) -> Chunk:
     prompt_tokens = _first(result, "prompt_tokens")
     completion_tokens = _first(result, "completion_tokens")
     finish = _first(result, "finish_reason")
+    key = _first(result, "media_key")   # absent from servers older than the output
     finish_reason = finish.decode("utf-8") if isinstance(finish, bytes) else (finish or "")
     params = result.get_response().parameters
     final_param = params["triton_final_response"].bool_param if "triton_final_response" in params else None
@@ -129,6 +149,7 @@ def parse_chunk(result: InferResult) -> Chunk:
         completion_tokens=int(completion_tokens) if completion_tokens is not None else None,
         finish_reason=finish_reason,
         final=final,
+        media_key=key.decode("utf-8", errors="replace") if isinstance(key, bytes) else "",
     )
 
 
@@ -145,6 +166,7 @@ class AnswerBuilder:
         self.prompt_tokens = 0
         self.completion_tokens: Optional[int] = None
         self.finish_reason = ""
+        self.media_key = ""
 
     @property
     def started(self) -> bool:
@@ -163,6 +185,8 @@ class AnswerBuilder:
             self.completion_tokens = chunk.completion_tokens
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
+        if chunk.media_key:
+            self.media_key = chunk.media_key
 
     def finish(self) -> Answer:
         if not self.finish_reason:
@@ -180,4 +204,5 @@ class AnswerBuilder:
             finish_reason=self.finish_reason,
             request_id=self.request_id,
             prompt=self.prompt,
+            media_key=self.media_key,
         )

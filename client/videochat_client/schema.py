@@ -92,8 +92,12 @@ class MediaOptions:
 NO_SEED = -1   # the seed value meaning "no seed" between the steps (seeds are >= 0)
 
 INPUTS: Tuple[Field, ...] = (
-    Field("video", "BYTES", "the video or image file's bytes (any container/codec FFmpeg reads)",
-          optional=False, stage=MEDIA),
+    Field("video", "BYTES", "the video or image file's bytes (any container/codec FFmpeg reads); may be omitted "
+          "when `media_reference` is given", stage=MEDIA),
+    # not named media_key: Triton 2.51 refuses an ensemble whose input and output share a name
+    Field("media_reference", "BYTES", "instead of `video`: the `media_key` output of an earlier answer (a "
+          "follow-up without re-upload); with `video` too, the bytes are used (a re-upload after a miss)",
+          stage=MEDIA),
     Field("prompt", "BYTES", "the question (UTF-8)", optional=False),
     Field("history", "BYTES", 'earlier turns as JSON `[["question", "answer"], ...]`', default="[]"),
     Field("msg", "BYTES", "extra text before the question (the model card's `msg`)", default=""),
@@ -122,6 +126,8 @@ OUTPUTS: Tuple[Field, ...] = (
     Field("completion_tokens", "INT32", "tokens generated so far", optional=False),
     Field("finish_reason", "BYTES", '"stop", "length" or "cancelled" on the final response, else ""',
           optional=False),
+    Field("media_key", "BYTES", "reference to this media for the next turns (send it as `media_reference` instead of `video`); "
+          '"" when this replica does not keep its visual tokens (cache off or too small)', optional=False),
 )
 
 # Request `parameters` (not tensors: Triton hands them to every step of the ensemble as they are).
@@ -135,7 +141,13 @@ ERROR_PREFIXES = {
     "INVALID_ARGUMENT": "invalid argument: ",
     "UNAVAILABLE": "unavailable: ",           # overloaded or shutting down: retry later or elsewhere
     "DEADLINE_EXCEEDED": "deadline exceeded: ",
+    # a `media_reference` this replica does not hold (evicted, restarted, another replica, never issued): resend the
+    # turn with the video's bytes. NOT_FOUND with this prefix only; Triton's own NOT_FOUND ("Request for unknown
+    # model") means a draining replica.
+    "NOT_FOUND": "media not cached: ",
 }
+MEDIA_NOT_CACHED = "NOT_FOUND"     # the code of that error
+MAX_MEDIA_KEY_BYTES = 256          # a longer media_reference is INVALID_ARGUMENT (keys the server issues are 68)
 
 INPUT_BY_NAME = {f.name: f for f in INPUTS}
 MEDIA_INPUTS = tuple(f for f in INPUTS if f.stage == MEDIA)

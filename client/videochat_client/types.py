@@ -32,6 +32,9 @@ class Answer:
     finish_reason: str          # "stop" | "length" | "cancelled"
     request_id: str = ""
     prompt: str = ""            # the question this answers
+    media_key: str = ""         # the server's reference to this media for the next turns ("" = none)
+    video_bytes_sent: int = 0   # video bytes this turn uploaded (0: a follow-up by media_key that hit)
+    reuploaded: bool = False    # the media_key missed and the turn was resent with the bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,3 +53,4 @@ class Chunk:
     completion_tokens: Optional[int] = None
     finish_reason: str = ""
     final: bool = False
+    media_key: str = ""         # the server's reference to this media (the same in every response of a call)

@@ -67,7 +67,7 @@ def make_slots(model, requests: Sequence[ChatRequest], handles: Sequence[int]) -
     per_clip = tokens_per_clip(model)
     return [_Slot(handle=h, request=r, generator=make_generator(r.params, model.device),
                   detokenizer=IncrementalDetokenizer(model.tokenizer),
-                  prompt=build_prompt(model.tokenizer, media_type=r.media_type, num_clips=r.num_clips,
+                  prompt=build_prompt(model.tokenizer, media_type=r.media_type, num_clips=r.clips(per_clip),
                                       tokens_per_clip=per_clip, prompt=r.prompt, history=r.history, msg=r.msg,
                                       instruction=r.instruction))
             for h, r in zip(handles, requests)]
@@ -275,8 +275,10 @@ class GenerationEngine:
         """[clips*96, H] per request: cache hits as stored, all misses in ONE `encode_media` call (a media_key
         that repeats within the call is encoded once)."""
         cache = self.visual_cache
-        keys = [VisualKey.of(r) for r in requests]
-        out = [cache.get(k) if cache is not None and k is not None else None for k in keys]
+        keys = [None if r.visual_tokens is not None else VisualKey.of(r) for r in requests]
+        # given tokens (a follow-up by media_key, looked up by the server) are used as they are
+        out = [r.visual_tokens if r.visual_tokens is not None else cache.get(k) if cache is not None and k is not None
+               else None for r, k in zip(requests, keys)]
         misses: dict[object, list[int]] = {}   # distinct key -> request indices; keyless requests never share
         for i, (key, tokens) in enumerate(zip(keys, out)):
             if tokens is None:

@@ -52,11 +52,13 @@ class ChatRequest:
     """One chat turn about one video or image.
 
     media: [clips, T, 3, 224, 224] float (fp16/fp32; cast to the model dtype). For images T == 1 and every
-           clip becomes one `<Image>` placeholder.
+           clip becomes one `<Image>` placeholder. None when `visual_tokens` is given.
+    visual_tokens: [clips * tokens_per_clip, H], the vision pass's output taken from a cache (a follow-up by
+           media_key, docs/serving.md): the engine uses them as they are and encodes nothing.
     history: (question, answer) turns before this one; stored as a tuple, never mutated.
     """
 
-    media: torch.Tensor
+    media: torch.Tensor | None
     prompt: str
     media_type: MediaType = MediaType.VIDEO
     history: History = ()
@@ -64,18 +66,37 @@ class ChatRequest:
     instruction: str | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     media_key: str | None = None   # content hash of the input bytes + preprocessing options; None = never cached
+    visual_tokens: torch.Tensor | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "media_type", MediaType(self.media_type))
         object.__setattr__(self, "history", normalize_history(self.history))
-        validate_media(self.media, self.media_type)
+        if self.visual_tokens is not None:
+            if self.media is not None:
+                raise ValueError("give media or visual_tokens, not both")
+            if not isinstance(self.visual_tokens, torch.Tensor) or self.visual_tokens.dim() != 2 \
+                    or self.visual_tokens.shape[0] < 1:
+                raise ValueError("visual_tokens must be a [clips * tokens_per_clip, H] tensor")
+        else:
+            validate_media(self.media, self.media_type)
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.media_key is not None and not isinstance(self.media_key, str):
             raise ValueError(f"media_key must be a string or None, got {type(self.media_key).__name__}")
 
+    def clips(self, tokens_per_clip: int) -> int:
+        """Clips of the media (one placeholder each in the prompt), also when only the visual tokens are given."""
+        if self.media is not None:
+            return int(self.media.shape[0])
+        rows = int(self.visual_tokens.shape[0])
+        if rows % tokens_per_clip:
+            raise ValueError(f"visual_tokens has {rows} rows, not a multiple of {tokens_per_clip} per clip")
+        return rows // tokens_per_clip
+
     @property
     def num_clips(self) -> int:
+        if self.media is None:
+            raise ValueError("num_clips of a request given by visual_tokens: use clips(tokens_per_clip)")
         return int(self.media.shape[0])
 
 

@@ -14,6 +14,7 @@ finished since then observed into the histograms (2.51's python backend supports
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -27,6 +28,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# video bytes received per request: 0 (a follow-up by media_key), then 64 KiB .. 1 GiB in powers of 4
+UPLOAD_BYTES_BUCKETS = (0,) + tuple(64 * 1024 * 4 ** i for i in range(8))
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -117,6 +120,15 @@ METRICS: tuple[MetricSpec, ...] = (
          "Preprocessed media taken from the cache (decoding skipped)"),
     _pre("videochat_media_cache_misses_total", "counter", "requests", "Media cache misses"),
     _pre("videochat_media_cache_bytes", "gauge", "bytes", "Bytes held by the media cache"),
+    # -- follow-ups by media_key (docs/serving.md, "Follow-ups without re-upload") ---------------------------
+    _llm("videochat_media_reference_hits_total", "counter", "requests",
+         "Follow-ups by media_key answered from the visual-token cache"),
+    _llm("videochat_media_reference_misses_total", "counter", "requests",
+         "Follow-ups by media_key refused NOT_FOUND (not cached here)"),
+    _pre("videochat_request_video_bytes", "histogram", "bytes",
+         "Video bytes received per request (0: a follow-up by media_key)", buckets=UPLOAD_BYTES_BUCKETS),
+    _pre("videochat_media_reuploads_total", "counter", "requests",
+         "Requests that sent the bytes with a media_key (a re-upload after a miss)"),
     # -- decode isolation ----------------------------------------------------------------------------------
     _pre("videochat_decode_worker_crashes_total", "counter", "inputs", "Decode worker died on an input"),
     _pre("videochat_decode_worker_timeouts_total", "counter", "inputs", "Decode worker killed at the time limit"),
@@ -189,6 +201,7 @@ class Mirror:
         self._gauges: list[tuple[Any, Callable[[], float], list[float | None]]] = []
         self._drains: list[Callable[[], None]] = []
         self._last = 0.0
+        self._lock = threading.Lock()   # execute() and the scheduler's thread both sync
 
     def counter(self, metric: Any, read: Callable[[], float]) -> None:
         self._counters.append((metric, read, [0]))
@@ -201,6 +214,10 @@ class Mirror:
         self._drains.append(flush)
 
     def sync(self, *, force: bool = False) -> None:
+        with self._lock:
+            self._sync(force)
+
+    def _sync(self, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self._last < SYNC_INTERVAL_S:
             return
@@ -297,6 +314,10 @@ class LLMMetrics:
                 g("videochat_prefill_time_seconds").observe(prefill_s)
         self.mirror.drain(flush)
 
+    def watch_references(self, references: Any) -> None:
+        self.mirror.counter(self.get("videochat_media_reference_hits_total"), lambda: references.hits)
+        self.mirror.counter(self.get("videochat_media_reference_misses_total"), lambda: references.misses)
+
     def watch_visual_cache(self, cache: Any) -> None:
         self.mirror.counter(self.get("videochat_visual_cache_hits_total"), lambda: cache.hits)
         self.mirror.counter(self.get("videochat_visual_cache_misses_total"), lambda: cache.misses)
@@ -319,6 +340,11 @@ class PreprocessMetrics:
         self.get("videochat_request_failure_total", error_code).increment(1)
         if error_code == "INVALID_ARGUMENT":
             self.get("videochat_requests_rejected_total").increment(1)
+
+    def on_upload(self, nbytes: int, reupload: bool) -> None:
+        self.get("videochat_request_video_bytes").observe(nbytes)
+        if reupload:
+            self.get("videochat_media_reuploads_total").increment(1)
 
     def watch_decode_pool(self, stats: Any) -> None:
         """Decode isolation (decode_worker.PoolStats): inputs that crashed, hung or exhausted a worker."""

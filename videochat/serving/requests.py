@@ -37,6 +37,11 @@ class RequestError(ValueError):
     """A client error: the message goes back as INVALID_ARGUMENT."""
 
 
+class MediaNotCached(Exception):
+    """A follow-up's media_key is not in this replica's cache: NOT_FOUND "media not cached: ...", and the client
+    resends the turn with the bytes."""
+
+
 def client_message(code: str, text: object) -> str:
     """A client-facing error message, prefixed with its code's name (schema.ERROR_PREFIXES) for streaming
     callers: an error inside a gRPC stream reaches them as a message without a status code."""
@@ -46,6 +51,11 @@ def client_message(code: str, text: object) -> str:
 def invalid_argument(exc: Exception) -> str:
     """Client-facing message of a RequestError."""
     return client_message("INVALID_ARGUMENT", exc)
+
+
+def not_cached(exc: MediaNotCached) -> str:
+    """Client-facing message of a MediaNotCached (its prefix is what the client matches, schema.ERROR_PREFIXES)."""
+    return client_message(schema.MEDIA_NOT_CACHED, exc)
 
 
 def parse_timeout_ms(raw_parameters: str | None) -> int | None:
@@ -102,15 +112,35 @@ def text(get: Getter, name: str, default: str | None = None) -> str:
     return str(value)
 
 
-def video_bytes(get: Getter, name: str = schema.INPUT_BY_NAME["video"].internal) -> bytes:
+def video_bytes(get: Getter, name: str = schema.INPUT_BY_NAME["video"].internal) -> bytes | None:
+    """The uploaded bytes, None when the input is absent (a follow-up that sends a media_key instead)."""
+    if get(name) is None:
+        return None
     value = scalar(get, name)
     if not isinstance(value, bytes):
         raise RequestError(f"input '{name.lower()}' must be BYTES")
     return value
 
 
+def media_reference(get: Getter, name: str = schema.INPUT_BY_NAME["media_reference"].internal) -> str | None:
+    """The `media_key` a client sent back (None when absent or empty). Only its length is checked here: any
+    other value simply is not in the cache, which is the same answer as for an evicted key."""
+    if get(name) is None:
+        return None
+    value = scalar(get, name)
+    if not isinstance(value, bytes):
+        raise RequestError(f"input '{name.lower()}' must be BYTES")
+    if len(value) > schema.MAX_MEDIA_KEY_BYTES:
+        raise RequestError(f"media_reference is longer than {schema.MAX_MEDIA_KEY_BYTES} bytes")
+    return value.decode("utf-8", errors="replace") or None
+
+
+# the media inputs that are not sampling options
+_NOT_OPTIONS = ("video", "media_reference")
+
+
 def parse_media_options(get: Getter) -> MediaOptions:
-    values = {f.name: scalar(get, f.internal, f.default) for f in schema.MEDIA_INPUTS if f.name != "video"}
+    values = {f.name: scalar(get, f.internal, f.default) for f in schema.MEDIA_INPUTS if f.name not in _NOT_OPTIONS}
     for f in schema.MEDIA_INPUTS:
         if f.bounds is not None and not f.bounds[0] <= values[f.name] <= f.bounds[1]:
             raise RequestError(f"{f.name} must be in [{f.bounds[0]}, {f.bounds[1]}], got {values[f.name]}")

@@ -43,6 +43,7 @@ from videochat.serving.llm import StreamCoalescer, output_arrays
 from videochat.serving.requests import client_message
 
 INVALID_ARG, INTERNAL, UNAVAILABLE, DEADLINE = "invalid_arg", "internal", "unavailable", "deadline_exceeded"
+NOT_FOUND = "not_found"    # a follow-up's media_key is not cached (the adapter answers it before submit)
 IDLE_WAIT_S = 0.5          # the loop sleeps at most this long without work (and re-checks stop)
 FINISHED_BACKLOG = 100_000  # Finished records kept for the metrics between two drains
 
@@ -105,6 +106,7 @@ class Job:
     is_cancelled: Callable[[], bool] = lambda: False
     coalescer: StreamCoalescer | None = None
     timeout_ms: int | None = None           # the client's budget (request parameter), counted from submit
+    media_key: Callable[[], str] = lambda: ""   # the `media_key` output (read at the first send)
     handle: int | None = None
     done: bool = False
     submitted_at: float = 0.0
@@ -212,7 +214,7 @@ class Scheduler:
         with self._cv:
             for job in jobs:
                 if job.coalescer is None:
-                    job.coalescer = StreamCoalescer(self.interval_s, clock=self.clock)
+                    job.coalescer = StreamCoalescer(self.interval_s, clock=self.clock, media_key=job.media_key)
                 job.submitted_at = now
                 job.deadline = deadline_for(now, timeout_ms=job.timeout_ms, request_timeout_s=self.request_timeout_s)
                 if self._stopping:

@@ -61,6 +61,7 @@ class LoadConfig:
     @property
     def replicas(self) -> Tuple[str, ...]:
         return tuple(self.urls) or (self.url,)
+    media_reference: bool = True              # turns 2..N send the media_key, not the bytes (--no-media-reference)
 
     def validate(self) -> None:
         if bool(self.concurrency) == bool(self.rate):

@@ -26,6 +26,8 @@ class Record:
     replica: Optional[str] = None      # the URL it was sent to (a replica, or the balancer in front of them)
     request_id: str = ""               # the id the server logs it under
     finish_reason: str = ""
+    video_bytes_sent: int = 0          # 0 for a follow-up answered by media_key
+    reuploaded: bool = False           # its media_key missed and it went again with the bytes
 
 
 def summarize(records: Sequence[Record], *, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
@@ -59,6 +61,8 @@ def summarize(records: Sequence[Record], *, percentiles: Sequence[float] = DEFAU
         "time_to_first_token_ms": _stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "inter_token_latency_ms": _stats([r.itl_ms for r in ok if r.itl_ms is not None]),
         "output_tokens_per_request": _stats([r.output_tokens for r in ok]),
+        "video_bytes_sent": sum(r.video_bytes_sent for r in ok),
+        "reuploads": sum(r.reuploaded for r in ok),
         "errors": errors,
         "error_examples": examples,
     }

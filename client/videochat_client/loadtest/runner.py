@@ -102,7 +102,8 @@ class _Runner:
 
     async def session(self, budget: _Budget, records: List[Record], t0: float, progress: Optional[_Progress]):
         replica, client = self._client()
-        conv = client.conversation(self._video(), **asdict(self.cfg.media))
+        conv = client.conversation(self._video(), media_reference=self.cfg.media_reference,
+                                   **asdict(self.cfg.media))
         for turn in range(self.cfg.turns):
             if not budget.take():
                 return
@@ -123,6 +124,8 @@ class _Runner:
                 rec.prompt_tokens = answer.usage.prompt_tokens
                 rec.output_tokens = answer.usage.completion_tokens
                 rec.request_id, rec.finish_reason = answer.request_id, answer.finish_reason
+                rec.video_bytes_sent = answer.video_bytes_sent
+                rec.reuploaded = answer.reuploaded
             except VideoChatError as e:
                 rec.error, rec.error_message = e.code, e.message
                 rec.request_id = e.request_id or ""
@@ -269,7 +272,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr,
             "stream": cfg.stream, "warmup": cfg.warmup, "requests_per_level": cfg.requests,
             "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
             "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
-            "max_inflight": cfg.max_inflight, "seed": cfg.seed,
+            "max_inflight": cfg.max_inflight, "seed": cfg.seed, "media_reference": cfg.media_reference,
             "urls": list(cfg.replicas), "metrics_urls": metrics_urls, "model": cfg.model_name,
             "percentiles": list(cfg.percentiles), "goodput_slos": cfg.goodput or None, "ssl": cfg.ssl,
             "header_names": sorted(k for k, _ in cfg.headers),   # names only: values may be credentials

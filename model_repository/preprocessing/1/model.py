@@ -41,7 +41,8 @@ class TritonPythonModel:
         t0, received = time.perf_counter(), time.time()
         request_id = request.request_id()
         try:
-            arrays = preprocess_request(get, self.settings, self.cache, self.decoder.decode, received_unix=received)
+            arrays = preprocess_request(get, self.settings, self.cache, self.decoder.decode, received_unix=received,
+                                        on_upload=self.metrics.on_upload)
         except RequestError as exc:
             self.metrics.on_request(time.perf_counter() - t0, "INVALID_ARGUMENT")
             self.logger.log_warn(tagged(request_id, f"invalid_arg: {invalid_argument(exc)}"))

@@ -10,11 +10,13 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from videochat.serving.llm import CpuThreadsEngine, StreamCoalescer, arrival_on, batch_stats, build_chat_request
+from videochat.serving.llm import (CpuThreadsEngine, MediaReferences, StreamCoalescer, arrival_on, batch_stats,
+                                   build_chat_request)
 from videochat.serving.logs import tagged
 from videochat.serving.metrics import LLMMetrics
-from videochat.serving.requests import RequestError, invalid_argument, parse_timeout_ms
-from videochat.serving.scheduler import DEADLINE, INVALID_ARG, UNAVAILABLE, BlockingSink, Job, Scheduler
+from videochat.serving.requests import MediaNotCached, RequestError, invalid_argument, not_cached, parse_timeout_ms
+from videochat.serving.scheduler import (DEADLINE, INVALID_ARG, NOT_FOUND, UNAVAILABLE, BlockingSink, Job,
+                                         Scheduler)
 from videochat.serving.settings import LLMSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,6 +37,7 @@ class TritonPythonModel:
         self.metrics = LLMMetrics(pb_utils, model=args["model_name"],
                                   model_instance=args.get("model_instance_name", ""))
         cache = VisualCache(s.visual_cache_bytes) if s.visual_cache_bytes else None
+        self.references = MediaReferences(cache)   # this instance's secret: keys are valid here only
         threads = torch.get_num_threads()
 
         def make_engine():
@@ -52,32 +55,42 @@ class TritonPythonModel:
         self.metrics.watch_scheduler(self.scheduler)
         if cache is not None:
             self.metrics.watch_visual_cache(cache)
+        self.metrics.watch_references(self.references)
         self.scheduler.start()
         self.logger.log_info(f"videochat_llm ready: {s}")
 
     def execute(self, requests):
         unary = not self.settings.decoupled
-        jobs, parsed, sinks = [], [], []
+        jobs, parsed, sinks, missed = [], [], [], False
         for request in requests:
             sink = BlockingSink() if unary else _Sink(request.get_response_sender(), self.metrics)
             sinks.append(sink)
             request_id = request.request_id()
             try:
-                p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit)
+                p = build_chat_request(_getter(request), max_new_tokens_limit=self.settings.max_new_tokens_limit,
+                                       references=self.references)
                 timeout_ms = parse_timeout_ms(request.parameters())   # the ensemble passes them to every step
             except RequestError as exc:   # this request only; its batch-mates go on
                 self.metrics.on_rejected()
                 self.logger.log_warn(tagged(request_id, f"{INVALID_ARG}: {invalid_argument(exc)}"))
                 sink.fail(invalid_argument(exc), code=INVALID_ARG)
                 continue
+            except MediaNotCached as exc:   # counted by self.references; the client resends with the bytes
+                self.logger.log_info(tagged(request_id, f"{NOT_FOUND}: {not_cached(exc)}"))
+                sink.fail(not_cached(exc), code=NOT_FOUND)
+                missed = True
+                continue
             parsed.append(p)
             arrived = arrival_on(self.scheduler.clock(), p.received_unix, now_unix=time.time())
             jobs.append(Job(chat_request=p.chat_request, sink=sink, is_cancelled=request.is_cancelled,
-                            coalescer=StreamCoalescer(None) if unary else None,   # None: only the final
-                            timeout_ms=timeout_ms, request_id=request_id, arrived_at=arrived))
+                            coalescer=StreamCoalescer(None, media_key=p.media_key) if unary else None,
+                            timeout_ms=timeout_ms, request_id=request_id, arrived_at=arrived,
+                            media_key=p.media_key))   # unary coalescer: only the final
         if jobs:
             self.metrics.on_batch(batch_stats(parsed))
             self.scheduler.submit(jobs)
+        if missed:   # nothing may reach the scheduler, whose progress syncs the counters otherwise
+            self.metrics.mirror.sync(force=True)
         return [self._unary_response(sink) for sink in sinks] if unary else None
 
     def _unary_response(self, sink):
@@ -120,7 +133,8 @@ def _code(code):
     """The scheduler's error code -> Triton's (pb_utils.TritonError exists only once the stub runs a model).
     Triton has no DEADLINE_EXCEEDED: CANCELLED it is, and the message's "deadline exceeded: " prefix says why."""
     e = pb_utils.TritonError
-    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE, DEADLINE: e.CANCELLED}.get(code, e.INTERNAL)
+    return {INVALID_ARG: e.INVALID_ARG, UNAVAILABLE: e.UNAVAILABLE, DEADLINE: e.CANCELLED,
+            NOT_FOUND: e.NOT_FOUND}.get(code, e.INTERNAL)
 
 
 def _getter(request):
