@@ -7,12 +7,19 @@ so concurrent calls take a tritonclient client from a small pool (gRPC shares th
 channels with the same target and arguments).
 
 Every attempt tells the server its time budget (the `timeout_ms` request parameter), so the server stops
-generating for a caller that has given up. `url` may list several replicas ("a:8001,b:8001" or a list): a call
-goes to the first; each retry goes to the next one, at once while there is one not yet tried in this call, with
-backoff once all were. That is failover, not load balancing (put a balancer in front for that): a
-conversation's turns stay on one replica, where its video is cached."""
+generating for a caller that has given up.
+
+A fleet (docs/client.md, "Fleets"): `url` may list several replicas ("a:8001,b:8001" or a list): a call goes to
+the first; each retry goes to the next one, at once while there is one not yet tried in this call, with backoff
+once all were. `url` may also be one gRPC resolver target ("dns:///videochat:8001", "ipv4:10.0.0.5:8001,..."):
+gRPC then spreads the calls round robin over its addresses. Every pooled tritonclient has its own connection,
+and one whose call failed because its replica went away is closed, not pooled: a retry never goes back over
+it (behind an L4 balancer a new connection may land elsewhere; behind haproxy the balancer moves it).
+A retry after part of the answer arrived (its replica was lost mid-answer) happens only when the caller said
+it can take it (`generate(restart=True)`): the new try's first chunk has `restarted=True`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -26,8 +33,8 @@ import grpc
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from .errors import DeadlineExceeded, VideoChatError, is_retryable, to_error
-from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, VideoLike, build_inputs,
+from .errors import DeadlineExceeded, VideoChatError, is_replica_lost, is_retryable, to_error
+from .protocol import (NOT_GIVEN, channel_args, is_resolver_target, GenerationOptions, MediaOptions, VideoLike, build_inputs,
                        load_media, parse_chunk)
 from .retry import RetryPolicy
 from .schema import DEFAULTS, MODEL_NAME, TIMEOUT_MS_PARAMETER
@@ -63,7 +70,7 @@ class ClientConfig:
     def tritonclient_kwargs(self, url: Optional[str] = None) -> dict:
         return dict(url=url or self.url, ssl=self.ssl, root_certificates=self.root_certificates,
                     private_key=self.private_key, certificate_chain=self.certificate_chain,
-                    channel_args=list(CHANNEL_ARGS))
+                    channel_args=channel_args(url or self.url))
 
     def merged_headers(self, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
         h = dict(self.headers)
@@ -72,7 +79,10 @@ class ClientConfig:
 
 
 def parse_urls(url: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """"host:port", "a:8001,b:8001" or a list of them -> the replicas, in order."""
+    """"host:port", "a:8001,b:8001" or a list of them -> the replicas, in order. A gRPC resolver target
+    ("dns:///svc:8001", "ipv4:a:8001,b:8001") is one entry, commas included."""
+    if isinstance(url, str) and is_resolver_target(url.strip()):
+        return (url.strip(),)
     parts = url.split(",") if isinstance(url, str) else list(url)
     urls = tuple(u.strip() for u in parts if u.strip())
     if not urls:
@@ -83,6 +93,16 @@ def parse_urls(url: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 def timeout_parameters(timeout: Optional[float]) -> Optional[Dict[str, int]]:
     """The request parameters that tell the server this attempt's budget (None: no deadline, none sent)."""
     return None if timeout is None else {TIMEOUT_MS_PARAMETER: max(1, int(timeout * 1000))}
+
+
+def should_retry(err: VideoChatError, *, attempt: int, retries: int, started: bool, restart: bool) -> bool:
+    """Send the call again? Within the retry budget: a retryable error before the first response, or a lost
+    replica at any point when the caller can take a restart (the server keeps no state between calls)."""
+    if attempt >= retries:
+        return False
+    if not started:
+        return is_retryable(err) or is_replica_lost(err)
+    return restart and is_replica_lost(err)
 
 
 def make_config(url: Union[str, Sequence[str]], *, timeout, max_retries, retry_policy, ssl, root_certificates,
@@ -167,24 +187,29 @@ class VideoChatClient:
     def generate(self, *, video: VideoLike, prompt: str, history: Sequence[Tuple[str, str]] = (),
                  media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
                  timeout=NOT_GIVEN, max_retries: Optional[int] = None, request_id: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None) -> Iterator[Chunk]:
+                 headers: Optional[Dict[str, str]] = None, restart: bool = False) -> Iterator[Chunk]:
         """Low-level: stream the responses of one turn as `Chunk`s (the last has `final=True`).
-        Retries retryable errors with backoff, but only until the first response arrived."""
+        Retries retryable errors with backoff until the first response arrived. With `restart=True` it also
+        retries after that when the replica was lost mid-answer (`errors.is_replica_lost`): the new try's first
+        chunk has `restarted=True`, and the caller drops what it got before."""
         inputs = build_inputs(video=load_media(video), prompt=prompt, history=history, media=media, gen=gen)
         rid = request_id or uuid.uuid4().hex
         deadline = self.config.timeout if timeout is NOT_GIVEN else timeout
         retries = self.config.retry.max_retries if max_retries is None else max_retries
         hdrs = self.config.merged_headers(headers)
+        streamed = False   # some try of this call yielded a chunk
         for attempt in itertools.count():
             started = False
             try:
                 for chunk in self._attempt(inputs, request_id=rid, timeout=deadline, headers=hdrs,
                                            url=self.config.url_for(attempt)):
-                    started = True
+                    if attempt:
+                        chunk = dataclasses.replace(chunk, attempt=attempt + 1, restarted=streamed and not started)
+                    started = streamed = True
                     yield chunk
                 return
             except VideoChatError as err:
-                if started or attempt >= retries or not is_retryable(err):
+                if not should_retry(err, attempt=attempt, retries=retries, started=started, restart=restart):
                     raise
                 if self.config.backoff_before(attempt + 1):
                     self._sleep(self.config.retry.backoff(attempt))
@@ -194,6 +219,7 @@ class VideoChatClient:
         responses: "queue.Queue" = queue.Queue()
         client = self._acquire(url)
         finished = False
+        broken = False   # its replica went away or refuses work: do not reuse this connection
         try:
             try:
                 client.start_stream(callback=lambda result, error: responses.put((result, error)),
@@ -207,7 +233,9 @@ class VideoChatClient:
                     _, real = responses.get(timeout=1.0)
                 except queue.Empty:
                     real = None
-                raise to_error(real or e, request_id=request_id) from e
+                err = to_error(real or e, request_id=request_id)
+                broken = is_retryable(err) or is_replica_lost(err)
+                raise err from e
             limit = None if timeout is None else time.monotonic() + timeout + _DEADLINE_GRACE_S
             while True:
                 wait = None if limit is None else max(0.0, limit - time.monotonic())
@@ -220,7 +248,9 @@ class VideoChatClient:
                     # already gone: close gracefully. Cancelling a stream whose request already failed makes
                     # Triton 2.51 leak the request's state, input bytes included (docs/operations.md, "Memory").
                     finished = True
-                    raise to_error(error, request_id=request_id)
+                    err = to_error(error, request_id=request_id)
+                    broken = is_retryable(err) or is_replica_lost(err)
+                    raise err
                 chunk = parse_chunk(result)
                 if chunk.final:
                     finished = True
@@ -234,7 +264,10 @@ class VideoChatClient:
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - closing must not mask the real error
                 pass
-            self._release(client, url)
+            if broken:
+                client.close()
+            else:
+                self._release(client, url)
 
     @contextmanager
     def triton(self) -> Iterator[tc.InferenceServerClient]:

@@ -6,6 +6,8 @@
     │                         a stream); NOT_FOUND "Request for unknown model" (draining replica / model not loaded)
     ├── DeadlineExceeded      DEADLINE_EXCEEDED (the per-call deadline expired, here or on the server)
     ├── Cancelled             CANCELLED
+    ├── AnswerRestarted       ABORTED, raised by a stream's iterator: its replica was lost mid-answer and the answer
+    │                         starts again on another one (iterate on to get it; docs/client.md "Fleets")
     └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
 
 Why message classification exists: Triton drops the status code of an error that arrives *inside* a gRPC
@@ -60,6 +62,19 @@ class Cancelled(VideoChatError):
 
 class ServerError(VideoChatError):
     default_code = "INTERNAL"
+
+
+class AnswerRestarted(VideoChatError):
+    """Raised by `AnswerStream`/`AsyncAnswerStream` iteration: the connection to the replica that was answering
+    was lost mid-answer, and the whole turn was sent again (to another replica). `partial_text` is what had been
+    streamed and is now void; iterating the same stream again yields the new answer from its start."""
+
+    default_code = "ABORTED"
+
+    def __init__(self, message: str, *, partial_text: str = "", attempt: int = 2, request_id: Optional[str] = None):
+        super().__init__(message, request_id=request_id)
+        self.partial_text = partial_text
+        self.attempt = attempt
 
 
 _CLASS_BY_CODE = {
@@ -157,3 +172,21 @@ def is_retryable(err: VideoChatError) -> bool:
     if err.code == "UNAVAILABLE":
         return True
     return err.code == "NOT_FOUND" and bool(_MODEL_MISSING.search(err.message))
+
+
+# A call cut because its replica (or the path to it) went away: the replica was killed or crashed, a proxy lost
+# its backend, a connection was reset. Measured: a SIGKILLed replica's stream ends with INTERNAL "Stream removed
+# (RST_STREAM ...)" behind nginx and UNKNOWN "Stream removed (Data frame with END_STREAM flag received)" behind
+# haproxy; a proxy with no backend answers HTTP 502/503, which gRPC reports as "Received http2 header with status".
+_REPLICA_LOST = re.compile(r"Stream removed|RST_STREAM|Socket closed|Connection reset|Broken pipe|GOAWAY|"
+                           r"Received http2 header with status: 50[234]|connection (?:was )?(?:lost|closed|aborted)",
+                           re.I)
+
+
+def is_replica_lost(err: VideoChatError) -> bool:
+    """The call failed because its replica or connection went away (not because of the request), so the whole
+    turn can be sent again elsewhere, even after part of the answer arrived: the server keeps no state between
+    turns (the history is the client's). UNAVAILABLE counts (connection refused or reset, draining replica)."""
+    if err.code == "UNAVAILABLE":
+        return True
+    return err.code in ("INTERNAL", "UNKNOWN") and bool(_REPLICA_LOST.search(err.message))

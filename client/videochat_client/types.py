@@ -32,6 +32,7 @@ class Answer:
     finish_reason: str          # "stop" | "length" | "cancelled"
     request_id: str = ""
     prompt: str = ""            # the question this answers
+    attempts: int = 1           # tries this turn took (1: no retry; more: retried or restarted on another replica)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,3 +51,5 @@ class Chunk:
     completion_tokens: Optional[int] = None
     finish_reason: str = ""
     final: bool = False
+    attempt: int = 1            # which try of the call produced it (1 = the first)
+    restarted: bool = False     # first chunk of a try after a try that had streamed: drop what came before

@@ -15,6 +15,10 @@ MAX_RATE = 10_000.0
 MAX_LEVELS = 32
 MAX_TURNS = 64
 MAX_INFLIGHT = 1024
+MAX_CONNECTIONS = 256
+# Connections per address the sessions are spread over: behind an L4 balancer (a Kubernetes Service, a cloud
+# NLB), which places whole connections, one connection would put the whole run on one replica.
+DEFAULT_CONNECTIONS = 8
 
 DEFAULT_PROMPTS = (
     "Describe the video in detail.",
@@ -44,6 +48,7 @@ class LoadConfig:
     level_timeout: float = 600.0              # hard cap per level for request-count mode
     metrics_url: Optional[str] = None
     seed: int = 0
+    connections: int = DEFAULT_CONNECTIONS    # gRPC connections per address; a session keeps its own
 
     def validate(self) -> None:
         if bool(self.concurrency) == bool(self.rate):
@@ -63,6 +68,8 @@ class LoadConfig:
             raise ValueError(f"turns must be in [1, {MAX_TURNS}]")
         if not 1 <= self.max_inflight <= MAX_INFLIGHT:
             raise ValueError(f"max_inflight must be in [1, {MAX_INFLIGHT}]")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be in [1, {MAX_CONNECTIONS}]")
         if not 0 <= self.warmup <= 1000:
             raise ValueError("warmup must be in [0, 1000]")
         if not self.videos:

@@ -25,9 +25,10 @@ from urllib.parse import urlsplit
 
 from .. import __version__
 from ..aio import AsyncVideoChatClient
+from ..client import parse_urls
 from ..errors import VideoChatError
 from ..metrics import server_view, try_scrape
-from ..protocol import load_media
+from ..protocol import is_resolver_target, load_media
 from ..retry import RetryPolicy
 from .config import MAX_REQUESTS, LoadConfig
 from .report import Record, summarize
@@ -183,7 +184,11 @@ async def _settled_scrape(url, before, successes: int, *, model: str = "videocha
 
 
 def default_metrics_url(grpc_url: str) -> str:
-    host = urlsplit("//" + grpc_url).hostname or "localhost"
+    """Port 8002 on the host of the (first) address; a resolver target's first address."""
+    first = parse_urls(grpc_url)[0]
+    if is_resolver_target(first):
+        first = first.split(":", 1)[1].lstrip("/").split(",")[0]
+    host = urlsplit("//" + first).hostname or "localhost"
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:8002/metrics"
 
@@ -194,7 +199,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
     n_requests = cfg.requests if cfg.requests is not None else (MAX_REQUESTS if cfg.duration else 32)
     per_level_s = cfg.duration if cfg.duration is not None else cfg.level_timeout
     levels: List[Dict[str, object]] = []
-    client = AsyncVideoChatClient(cfg.url, timeout=cfg.timeout,
+    client = AsyncVideoChatClient(cfg.url, timeout=cfg.timeout, connections=cfg.connections,
                                   retry_policy=RetryPolicy(max_retries=cfg.retries, initial_backoff=0.1))
     async with client:
         runner = _Runner(cfg, client, videos)
@@ -235,7 +240,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr) -> Dict[s
             "stream": cfg.stream, "warmup": cfg.warmup, "requests_per_level": cfg.requests,
             "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
             "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
-            "max_inflight": cfg.max_inflight, "seed": cfg.seed,
+            "max_inflight": cfg.max_inflight, "seed": cfg.seed, "connections": cfg.connections,
         },
         "levels": levels,
     }
