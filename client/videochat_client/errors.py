@@ -177,7 +177,9 @@ def is_retryable(err: VideoChatError) -> bool:
 # A call cut because its replica (or the path to it) went away: the replica was killed or crashed, a proxy lost
 # its backend, a connection was reset. Measured: a SIGKILLed replica's stream ends with INTERNAL "Stream removed
 # (RST_STREAM ...)" behind nginx and UNKNOWN "Stream removed (Data frame with END_STREAM flag received)" behind
-# haproxy; a proxy with no backend answers HTTP 502/503, which gRPC reports as "Received http2 header with status".
+# haproxy, or CANCELLED "Stream removed (...) (RST_STREAM (Received RST_STREAM with error code 8))" when haproxy
+# resets the client's stream (tests/e2e/test_failover.py); a proxy with no backend answers HTTP 502/503, which gRPC
+# reports as "Received http2 header with status". (A cancel by this client itself says "Locally cancelled".)
 _REPLICA_LOST = re.compile(r"Stream removed|RST_STREAM|Socket closed|Connection reset|Broken pipe|GOAWAY|"
                            r"Received http2 header with status: 50[234]|connection (?:was )?(?:lost|closed|aborted)",
                            re.I)
@@ -189,4 +191,4 @@ def is_replica_lost(err: VideoChatError) -> bool:
     turns (the history is the client's). UNAVAILABLE counts (connection refused or reset, draining replica)."""
     if err.code == "UNAVAILABLE":
         return True
-    return err.code in ("INTERNAL", "UNKNOWN") and bool(_REPLICA_LOST.search(err.message))
+    return err.code in ("INTERNAL", "UNKNOWN", "CANCELLED") and bool(_REPLICA_LOST.search(err.message))

@@ -37,6 +37,8 @@ CUT = ServerError("Stream removed (Data frame with END_STREAM flag received)", c
 @pytest.mark.parametrize("err", [
     CUT,
     ServerError("Stream removed (RST_STREAM with error code 2)", code="INTERNAL"),
+    to_error(FakeRpcError(grpc.StatusCode.CANCELLED, "Stream removed (Data frame with END_STREAM flag received) "
+                                                     "(RST_STREAM (Received RST_STREAM with error code 8))")),
     to_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Received http2 header with status: 502")),
     to_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed")),
     Unavailable("in ensemble 'videochat', Server is stopping"),
@@ -48,6 +50,7 @@ def test_a_cut_or_refused_connection_is_replica_lost(err):
 @pytest.mark.parametrize("err", [
     InvalidArgument("bad video"), ServerError("in ensemble 'videochat', Stub process 'x' is not healthy."),
     ServerError("something odd", code="UNKNOWN"), ServerError("deadline exceeded", code="DEADLINE_EXCEEDED"),
+    to_error(FakeRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")),
 ])
 def test_request_and_model_errors_are_not_replica_lost(err):
     assert not is_replica_lost(err), err
