@@ -10,3 +10,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e .
+# haproxy for the load-balancer and failover tests (tests/e2e/test_failover.py, docs/deployment.md): Debian's
+# package, installed only when it is missing and we may (root with apt-get); otherwise those tests say so and skip.
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ] && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing haproxy (apt-get)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) \
+    || echo "setup: could not install haproxy; the haproxy/failover tests will skip" >&2
+fi

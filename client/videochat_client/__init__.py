@@ -8,7 +8,8 @@
 from .aio import AsyncConversation, AsyncVideoChatClient
 from .client import VideoChatClient
 from .conversation import AnswerStream, Conversation
-from .errors import (Cancelled, DeadlineExceeded, InvalidArgument, MediaNotCached, ServerError, Unavailable,
+from .errors import (AnswerRestarted, Cancelled, DeadlineExceeded, InvalidArgument, MediaNotCached, ServerError,
+                     Unavailable,
                      VideoChatError)
 from .protocol import GenerationOptions, MediaOptions
 from .retry import RetryPolicy
@@ -19,5 +20,5 @@ __all__ = [
     "VideoChatClient", "AsyncVideoChatClient", "Conversation", "AsyncConversation", "AnswerStream",
     "Answer", "Chunk", "Usage", "Timings", "MediaOptions", "GenerationOptions", "RetryPolicy",
     "VideoChatError", "InvalidArgument", "Unavailable", "DeadlineExceeded", "Cancelled", "ServerError",
-    "MediaNotCached",
+    "MediaNotCached", "AnswerRestarted",
 ]

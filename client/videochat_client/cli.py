@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from .client import VideoChatClient
 from .conversation import Conversation
-from .errors import InvalidArgument, Unavailable, VideoChatError
+from .errors import AnswerRestarted, InvalidArgument, Unavailable, VideoChatError
+from .loadtest.config import DEFAULT_CONNECTIONS as LOAD_CONNECTIONS
 from .schema import DEFAULTS, MODEL_NAME
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -99,12 +100,14 @@ def _non_negative_int(text: str) -> int:
 def _connection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--url", default=DEFAULT_URL,
-                   help="Triton gRPC HOST:PORT, or several comma-separated: retries fail over to the next "
+                   help="Triton gRPC HOST:PORT, several comma-separated (retries fail over to the next), or a gRPC "
+                        "target such as dns:///HOST:PORT (calls round robin over its addresses) "
                         "(default $VIDEOCHAT_URL or %(default)s)")
     g.add_argument("--timeout", type=_positive_float, default=600.0,
                    help="per-request deadline, seconds (default %(default)s)")
     g.add_argument("--retries", type=_non_negative_int, default=2,
-                   help="retries of UNAVAILABLE / draining-replica errors before any token arrived (default %(default)s)")
+                   help="retries of UNAVAILABLE / draining-replica errors, and of a turn whose replica was lost "
+                        "mid-answer (default %(default)s)")
     _tls_and_headers(g)
 
 
@@ -185,6 +188,20 @@ def _save(conv: Conversation, path: Optional[str]) -> None:
 
 
 # -- commands -------------------------------------------------------------------------------------------
+def _print_stream(stream, *, quiet: bool = False) -> None:
+    """Print an answer as it streams. A restart (its replica was lost mid-answer) is said on stderr and the new
+    answer is printed from its start on a new line."""
+    while stream.answer is None:
+        try:
+            for piece in stream:
+                if not quiet:
+                    print(piece, end="", flush=True)
+        except AnswerRestarted as e:
+            if not quiet:
+                print(file=sys.stdout, flush=True)
+            print(f"videochat: {e}", file=sys.stderr, flush=True)
+
+
 def cmd_ask(args) -> int:
     _writable(args.save, "--save")
     turns = []
@@ -194,9 +211,7 @@ def cmd_ask(args) -> int:
             for question in args.questions:
                 if args.stream:
                     stream = conv.ask_stream(question, **_gen_kwargs(args))
-                    for piece in stream:
-                        if not args.json:
-                            print(piece, end="", flush=True)
+                    _print_stream(stream, quiet=args.json)
                     answer = stream.answer
                     if not args.json:
                         print()
@@ -237,8 +252,7 @@ def cmd_chat(args) -> int:
                     continue
                 if question.lower() in ("exit", "quit", "/exit", "/quit"):
                     break
-                for piece in conv.ask_stream(question, **_gen_kwargs(args)):
-                    print(piece, end="", flush=True)
+                _print_stream(conv.ask_stream(question, **_gen_kwargs(args)))
                 print()
         finally:
             _save(conv, args.save)
@@ -326,7 +340,7 @@ def cmd_loadtest(args) -> int:
                            padding=args.padding, msg=args.msg, instruction=args.instruction),
         timeout=args.timeout, retries=args.retries, max_inflight=args.max_inflight,
         metrics_url=metrics_urls[0] if metrics_urls else None, seed=args.seed,
-        media_reference=not args.no_media_reference)
+        media_reference=not args.no_media_reference, connections=args.connections)
     try:
         cfg.validate()
     except ValueError as e:
@@ -412,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--goodput", nargs="+", metavar="SLO=MS",
                    help="SLOs in ms (ttft_ms, latency_ms, itl_ms), e.g. ttft_ms=500 latency_ms=10000: report the "
                         "share of requests that met all of them and their rate")
+    t.add_argument("--connections", type=int, default=LOAD_CONNECTIONS,
+                   help="gRPC connections per address the sessions are spread over, so an L4 balancer in front "
+                        "spreads them over its replicas (default %(default)s)")
     t.add_argument("--no-metrics", action="store_true", help="do not scrape server metrics")
     t.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     t.add_argument("--out", required=True, help="report JSON path (the CSV goes next to it)")

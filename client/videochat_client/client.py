@@ -7,12 +7,19 @@ so concurrent calls take a tritonclient client from a small pool (gRPC shares th
 channels with the same target and arguments).
 
 Every attempt tells the server its time budget (the `timeout_ms` request parameter), so the server stops
-generating for a caller that has given up. `url` may list several replicas ("a:8001,b:8001" or a list): a call
-goes to the first; each retry goes to the next one, at once while there is one not yet tried in this call, with
-backoff once all were. That is failover, not load balancing (put a balancer in front for that): a
-conversation's turns stay on one replica, where its video is cached."""
+generating for a caller that has given up.
+
+A fleet (docs/client.md, "Fleets"): `url` may list several replicas ("a:8001,b:8001" or a list): a call goes to
+the first; each retry goes to the next one, at once while there is one not yet tried in this call, with backoff
+once all were. `url` may also be one gRPC resolver target ("dns:///videochat:8001", "ipv4:10.0.0.5:8001,..."):
+gRPC then spreads the calls round robin over its addresses. Every pooled tritonclient has its own connection,
+and one whose call failed because its replica went away is closed, not pooled: a retry never goes back over
+it (behind an L4 balancer a new connection may land elsewhere; behind haproxy the balancer moves it).
+A retry after part of the answer arrived (its replica was lost mid-answer) happens only when the caller said
+it can take it (`generate(restart=True)`): the new try's first chunk has `restarted=True`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -26,9 +33,9 @@ import grpc
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from .errors import DeadlineExceeded, MediaNotCached, VideoChatError, is_retryable, to_error
-from .protocol import (CHANNEL_ARGS, NOT_GIVEN, GenerationOptions, MediaOptions, MediaSent, VideoLike,
-                       build_inputs, load_media, media_attempts, parse_chunk)
+from .errors import DeadlineExceeded, MediaNotCached, VideoChatError, is_replica_lost, is_retryable, to_error
+from .protocol import (NOT_GIVEN, GenerationOptions, MediaOptions, MediaSent, VideoLike, build_inputs, channel_args,
+                       is_resolver_target, load_media, media_attempts, parse_chunk)
 from .retry import RetryPolicy
 from .schema import DEFAULTS, MODEL_NAME, TIMEOUT_MS_PARAMETER
 from .types import Chunk
@@ -63,7 +70,7 @@ class ClientConfig:
     def tritonclient_kwargs(self, url: Optional[str] = None) -> dict:
         return dict(url=url or self.url, ssl=self.ssl, root_certificates=self.root_certificates,
                     private_key=self.private_key, certificate_chain=self.certificate_chain,
-                    channel_args=list(CHANNEL_ARGS))
+                    channel_args=channel_args(url or self.url))
 
     def merged_headers(self, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
         h = dict(self.headers)
@@ -72,7 +79,10 @@ class ClientConfig:
 
 
 def parse_urls(url: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """"host:port", "a:8001,b:8001" or a list of them -> the replicas, in order."""
+    """"host:port", "a:8001,b:8001" or a list of them -> the replicas, in order. A gRPC resolver target
+    ("dns:///svc:8001", "ipv4:a:8001,b:8001") is one entry, commas included."""
+    if isinstance(url, str) and is_resolver_target(url.strip()):
+        return (url.strip(),)
     parts = url.split(",") if isinstance(url, str) else list(url)
     urls = tuple(u.strip() for u in parts if u.strip())
     if not urls:
@@ -83,6 +93,16 @@ def parse_urls(url: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 def timeout_parameters(timeout: Optional[float]) -> Optional[Dict[str, int]]:
     """The request parameters that tell the server this attempt's budget (None: no deadline, none sent)."""
     return None if timeout is None else {TIMEOUT_MS_PARAMETER: max(1, int(timeout * 1000))}
+
+
+def should_retry(err: VideoChatError, *, attempt: int, retries: int, started: bool, restart: bool) -> bool:
+    """Send the call again? Within the retry budget: a retryable error before the first response, or a lost
+    replica at any point when the caller can take a restart (the server keeps no state between calls)."""
+    if attempt >= retries:
+        return False
+    if not started:
+        return is_retryable(err) or is_replica_lost(err)
+    return restart and is_replica_lost(err)
 
 
 def make_config(url: Union[str, Sequence[str]], *, timeout, max_retries, retry_policy, ssl, root_certificates,
@@ -172,9 +192,11 @@ class VideoChatClient:
                  media: MediaOptions = MediaOptions(), gen: GenerationOptions = GenerationOptions(),
                  timeout=NOT_GIVEN, max_retries: Optional[int] = None, request_id: Optional[str] = None,
                  headers: Optional[Dict[str, str]] = None, media_key: Optional[str] = None,
-                 sent: Optional[MediaSent] = None) -> Iterator[Chunk]:
+                 sent: Optional[MediaSent] = None, restart: bool = False) -> Iterator[Chunk]:
         """Low-level: stream the responses of one turn as `Chunk`s (the last has `final=True`).
-        Retries retryable errors with backoff, but only until the first response arrived.
+        Retries retryable errors with backoff until the first response arrived. With `restart=True` it also
+        retries after that when the replica was lost mid-answer (`errors.is_replica_lost`): the new try's first
+        chunk has `restarted=True`, and the caller drops what it got before.
         With `media_key` (an earlier answer's) and `video`, the key goes first and the bytes only if the server
         answers MediaNotCached, once; with only a `media_key`, MediaNotCached is raised. `sent` records the
         video bytes sent and whether the turn was re-uploaded."""
@@ -185,30 +207,35 @@ class VideoChatClient:
         retries = self.config.retry.max_retries if max_retries is None else max_retries
         hdrs = self.config.merged_headers(headers)
         tries = media_attempts(data, media_key)
+        streamed = [False]   # some try of this call yielded a chunk (shared by the media tries)
         for i, (v, key) in enumerate(tries):
             inputs = build_inputs(video=v, media_key=key, prompt=prompt, history=history, media=media, gen=gen)
             try:
-                yield from self._with_retries(inputs, len(v or b""), sent, request_id=rid, timeout=deadline,
-                                              retries=retries, headers=hdrs)
+                yield from self._with_retries(inputs, len(v or b""), sent, streamed, request_id=rid,
+                                              timeout=deadline, retries=retries, headers=hdrs, restart=restart)
                 return
-            except MediaNotCached:   # raised before any response: resending cannot duplicate output
+            except MediaNotCached:   # raised before any response of that try: resending cannot duplicate output
                 if i + 1 == len(tries):
                     raise
                 sent.reuploaded = True
 
-    def _with_retries(self, inputs, nbytes: int, sent: MediaSent, *, request_id: str, timeout: Optional[float],
-                      retries: int, headers: Dict[str, str]) -> Iterator[Chunk]:
+    def _with_retries(self, inputs, nbytes: int, sent: MediaSent, streamed: List[bool], *, request_id: str,
+                      timeout: Optional[float], retries: int, headers: Dict[str, str],
+                      restart: bool) -> Iterator[Chunk]:
         for attempt in itertools.count():
             started = False
             sent.video_bytes_sent += nbytes
             try:
                 for chunk in self._attempt(inputs, request_id=request_id, timeout=timeout, headers=headers,
                                            url=self.config.url_for(attempt)):
-                    started = True
+                    if attempt or streamed[0]:
+                        chunk = dataclasses.replace(chunk, attempt=attempt + 1,
+                                                    restarted=streamed[0] and not started)
+                    started = streamed[0] = True
                     yield chunk
                 return
             except VideoChatError as err:
-                if started or attempt >= retries or not is_retryable(err):
+                if not should_retry(err, attempt=attempt, retries=retries, started=started, restart=restart):
                     raise
                 if self.config.backoff_before(attempt + 1):
                     self._sleep(self.config.retry.backoff(attempt))
@@ -218,6 +245,7 @@ class VideoChatClient:
         responses: "queue.Queue" = queue.Queue()
         client = self._acquire(url)
         finished = False
+        broken = False   # its replica went away or refuses work: do not reuse this connection
         try:
             try:
                 client.start_stream(callback=lambda result, error: responses.put((result, error)),
@@ -231,7 +259,9 @@ class VideoChatClient:
                     _, real = responses.get(timeout=1.0)
                 except queue.Empty:
                     real = None
-                raise to_error(real or e, request_id=request_id) from e
+                err = to_error(real or e, request_id=request_id)
+                broken = is_retryable(err) or is_replica_lost(err)
+                raise err from e
             limit = None if timeout is None else time.monotonic() + timeout + _DEADLINE_GRACE_S
             while True:
                 wait = None if limit is None else max(0.0, limit - time.monotonic())
@@ -244,7 +274,9 @@ class VideoChatClient:
                     # already gone: close gracefully. Cancelling a stream whose request already failed makes
                     # Triton 2.51 leak the request's state, input bytes included (docs/operations.md, "Memory").
                     finished = True
-                    raise to_error(error, request_id=request_id)
+                    err = to_error(error, request_id=request_id)
+                    broken = is_retryable(err) or is_replica_lost(err)
+                    raise err
                 chunk = parse_chunk(result)
                 if chunk.final:
                     finished = True
@@ -258,7 +290,10 @@ class VideoChatClient:
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - closing must not mask the real error
                 pass
-            self._release(client, url)
+            if broken:
+                client.close()
+            else:
+                self._release(client, url)
 
     @contextmanager
     def triton(self) -> Iterator[tc.InferenceServerClient]:

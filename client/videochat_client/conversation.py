@@ -11,9 +11,9 @@ import json
 import os
 import uuid
 from dataclasses import asdict, replace
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
-from .errors import InvalidArgument
+from .errors import AnswerRestarted, InvalidArgument
 from .protocol import (NOT_GIVEN, AnswerBuilder, GenerationOptions, History, MediaOptions, MediaSent, VideoLike,
                        load_media)
 from .schema import DEFAULTS
@@ -68,7 +68,8 @@ class ConversationBase:
     def _request(self, question: str, gen_kwargs: Dict[str, Any], timeout) -> Dict[str, Any]:
         kw: Dict[str, Any] = dict(video=self._video, prompt=question, history=self._history, media=self.media,
                                   gen=GenerationOptions(**gen_kwargs), headers={SESSION_HEADER: self.session_id},
-                                  request_id=uuid.uuid4().hex, media_key=self.media_key, sent=MediaSent())
+                                  request_id=uuid.uuid4().hex, media_key=self.media_key, sent=MediaSent(),
+                                  restart=True)
         if timeout is not NOT_GIVEN:
             kw["timeout"] = timeout
         return kw
@@ -106,9 +107,35 @@ def _gen_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition
                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
 
 
+class _Restart:
+    """Marker in a stream's pieces: the answer starts again (its replica was lost mid-answer)."""
+
+    def __init__(self, partial_text: str, attempt: int):
+        self.partial_text, self.attempt = partial_text, attempt
+
+
+def restart_error(marker: _Restart, request_id: str) -> AnswerRestarted:
+    return AnswerRestarted(f"the replica was lost mid-answer; the answer restarts from the beginning "
+                           f"(try {marker.attempt}); {len(marker.partial_text)} characters already streamed are void",
+                           partial_text=marker.partial_text, attempt=marker.attempt, request_id=request_id)
+
+
+def stream_pieces(builder: AnswerBuilder, chunk: Chunk) -> Iterator[Union[str, _Restart]]:
+    """What one chunk adds to a stream of pieces: a restart marker first if the answer starts again."""
+    if chunk.restarted:
+        yield _Restart("".join(builder.pieces), chunk.attempt)
+    builder.add(chunk)
+    if chunk.text:
+        yield chunk.text
+
+
 class AnswerStream:
     """Iterator over the text pieces of one answer. When exhausted, `.answer` holds the typed Answer and the
-    turn is in the conversation's history. `close()` (or leaving a `with` block early) cancels the call."""
+    turn is in the conversation's history. `close()` (or leaving a `with` block early) cancels the call.
+
+    If the replica answering is lost mid-answer, the turn is sent again (to another replica) and the iteration
+    raises `AnswerRestarted` once: what was streamed so far is void. Iterating the same stream again yields the
+    new answer from its first piece; not catching it ends the turn (nothing is added to the history)."""
 
     def __init__(self, chunks: Callable[[], Iterator[Chunk]], *, prompt: str, request_id: str,
                  on_done: Callable[[Answer], Answer]):
@@ -119,21 +146,24 @@ class AnswerStream:
         self._chunks: Optional[Iterator[Chunk]] = None
         self._pieces = self._run()
         self.answer: Optional[Answer] = None
+        self.restarts = 0
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Iterator[Union[str, _Restart]]:
         builder = AnswerBuilder(prompt=self._prompt, request_id=self.request_id)
         self._chunks = self._make_chunks()
         for chunk in self._chunks:
-            builder.add(chunk)
-            if chunk.text:
-                yield chunk.text
+            yield from stream_pieces(builder, chunk)
         self.answer = self._on_done(builder.finish())
 
     def __iter__(self) -> "AnswerStream":
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        piece = next(self._pieces)
+        if isinstance(piece, _Restart):
+            self.restarts += 1
+            raise restart_error(piece, self.request_id)
+        return piece
 
     def close(self) -> None:
         self._pieces.close()
@@ -153,13 +183,17 @@ class Conversation(ConversationBase):
     def ask(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,
             temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
             repetition_penalty: Optional[float] = None, seed: Optional[int] = None, timeout=NOT_GIVEN) -> Answer:
-        """One turn; returns the whole Answer and appends (question, answer.text) to the history."""
+        """One turn; returns the whole Answer and appends (question, answer.text) to the history. If the replica
+        is lost mid-answer, the whole turn is redone on another one (`answer.attempts` counts the tries)."""
         stream = self.ask_stream(question, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, timeout=timeout)
-        for _ in stream:
-            pass
-        assert stream.answer is not None
+        while stream.answer is None:
+            try:
+                for _ in stream:
+                    pass
+            except AnswerRestarted:
+                continue
         return stream.answer
 
     def ask_stream(self, question: str, *, max_new_tokens: int = DEFAULTS.max_new_tokens, do_sample: bool = False,

@@ -8,6 +8,8 @@
     ├── Cancelled             CANCELLED
     ├── MediaNotCached        NOT_FOUND "media not cached: ..." (a follow-up's media_key is not on this replica;
     │                         generate() resends the turn with the bytes once, so callers with bytes never see it)
+    ├── AnswerRestarted       ABORTED, raised by a stream's iterator: its replica was lost mid-answer and the answer
+    │                         starts again on another one (iterate on to get it; docs/client.md "Fleets")
     └── ServerError           everything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, RESOURCE_EXHAUSTED, ...)
 
 Why message classification exists: Triton drops the status code of an error that arrives *inside* a gRPC
@@ -66,6 +68,17 @@ class ServerError(VideoChatError):
 
 class MediaNotCached(VideoChatError):
     default_code = MEDIA_NOT_CACHED
+class AnswerRestarted(VideoChatError):
+    """Raised by `AnswerStream`/`AsyncAnswerStream` iteration: the connection to the replica that was answering
+    was lost mid-answer, and the whole turn was sent again (to another replica). `partial_text` is what had been
+    streamed and is now void; iterating the same stream again yields the new answer from its start."""
+
+    default_code = "ABORTED"
+
+    def __init__(self, message: str, *, partial_text: str = "", attempt: int = 2, request_id: Optional[str] = None):
+        super().__init__(message, request_id=request_id)
+        self.partial_text = partial_text
+        self.attempt = attempt
 
 
 _CLASS_BY_CODE = {
@@ -165,3 +178,23 @@ def is_retryable(err: VideoChatError) -> bool:
     if err.code == "UNAVAILABLE":
         return True
     return err.code == "NOT_FOUND" and bool(_MODEL_MISSING.search(err.message))
+
+
+# A call cut because its replica (or the path to it) went away: the replica was killed or crashed, a proxy lost
+# its backend, a connection was reset. Measured: a SIGKILLed replica's stream ends with INTERNAL "Stream removed
+# (RST_STREAM ...)" behind nginx and UNKNOWN "Stream removed (Data frame with END_STREAM flag received)" behind
+# haproxy, or CANCELLED "Stream removed (...) (RST_STREAM (Received RST_STREAM with error code 8))" when haproxy
+# resets the client's stream (tests/e2e/test_failover.py); a proxy with no backend answers HTTP 502/503, which gRPC
+# reports as "Received http2 header with status". (A cancel by this client itself says "Locally cancelled".)
+_REPLICA_LOST = re.compile(r"Stream removed|RST_STREAM|Socket closed|Connection reset|Broken pipe|GOAWAY|"
+                           r"Received http2 header with status: 50[234]|connection (?:was )?(?:lost|closed|aborted)",
+                           re.I)
+
+
+def is_replica_lost(err: VideoChatError) -> bool:
+    """The call failed because its replica or connection went away (not because of the request), so the whole
+    turn can be sent again elsewhere, even after part of the answer arrived: the server keeps no state between
+    turns (the history is the client's). UNAVAILABLE counts (connection refused or reset, draining replica)."""
+    if err.code == "UNAVAILABLE":
+        return True
+    return err.code in ("INTERNAL", "UNKNOWN", "CANCELLED") and bool(_REPLICA_LOST.search(err.message))

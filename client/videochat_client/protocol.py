@@ -25,14 +25,39 @@ NOT_GIVEN: Any = object()   # "use the client's default" for per-call options su
 # gRPC's hard ceiling for one message is 2 GiB - 1; keep headroom for the other tensors and framing.
 MAX_VIDEO_BYTES = 2**31 - 1 - 16 * 2**20
 # tritonclient's default already is the ceiling, but we set it explicitly: large videos must upload.
+# Keepalive: while a call runs, ping after 30 s without traffic and drop the connection if no answer comes in
+# 10 s (a replica that vanished without closing its sockets, e.g. its machine died), so the call fails and is
+# retried instead of hanging until its deadline. At most 2 pings without data in between: Triton's gRPC server
+# (min_recv_ping_interval_without_data 5 min, max_ping_strikes 2) would close a connection that pings more.
+# No pings on idle connections (a dead idle connection fails its next call fast, and that is retried).
+# Own connection per client object (use_local_subchannel_pool): gRPC would otherwise share one TCP connection
+# between all channels to the same target, so a whole process would land on one replica behind an L4 balancer
+# and a retry on a fresh channel would go back over the very connection that failed.
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 2**31 - 1),
     ("grpc.max_receive_message_length", 2**31 - 1),
-    ("grpc.keepalive_time_ms", 2**31 - 1),
-    ("grpc.keepalive_timeout_ms", 20000),
-    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.use_local_subchannel_pool", 1),
+    # A restarted replica behind dns:/// is used again within seconds (gRPC's default backoff grows to 2 min).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
+# gRPC name-resolver schemes: such a target may stand for several replicas (dns:///svc:8001 resolves to every
+# address of svc; ipv4:10.0.0.5:8001,10.0.0.6:8001 lists them); calls are spread over them per call.
+RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+BALANCED_CHANNEL_ARGS = [("grpc.lb_policy_name", "round_robin")]
+
+
+def is_resolver_target(url: str) -> bool:
+    return url.startswith(RESOLVER_SCHEMES)
+
+
+def channel_args(url: str) -> list:
+    """The gRPC channel options for one target: round robin over a resolver target's addresses."""
+    return list(CHANNEL_ARGS) + (list(BALANCED_CHANNEL_ARGS) if is_resolver_target(url) else [])
+
 
 History = Tuple[Tuple[str, str], ...]
 VideoLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
@@ -167,6 +192,7 @@ class AnswerBuilder:
         self.completion_tokens: Optional[int] = None
         self.finish_reason = ""
         self.media_key = ""
+        self.attempts = 1
 
     @property
     def started(self) -> bool:
@@ -174,6 +200,10 @@ class AnswerBuilder:
         return self.t_first is not None or bool(self.pieces)
 
     def add(self, chunk: Chunk) -> None:
+        if chunk.restarted:   # the answer starts again (another replica): drop the void part, keep t0
+            self.t_first, self.pieces, self.token_ids = None, [], []
+            self.prompt_tokens, self.completion_tokens, self.finish_reason = 0, None, ""
+        self.attempts = max(self.attempts, chunk.attempt)
         if self.t_first is None and (chunk.text or chunk.token_ids):
             self.t_first = time.perf_counter()
         if chunk.text:
@@ -205,4 +235,5 @@ class AnswerBuilder:
             request_id=self.request_id,
             prompt=self.prompt,
             media_key=self.media_key,
+            attempts=self.attempts,
         )

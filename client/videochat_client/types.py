@@ -35,6 +35,7 @@ class Answer:
     media_key: str = ""         # the server's reference to this media for the next turns ("" = none)
     video_bytes_sent: int = 0   # video bytes this turn uploaded (0: a follow-up by media_key that hit)
     reuploaded: bool = False    # the media_key missed and the turn was resent with the bytes
+    attempts: int = 1           # tries this turn took (1: no retry; more: retried or restarted on another replica)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,3 +55,5 @@ class Chunk:
     finish_reason: str = ""
     final: bool = False
     media_key: str = ""         # the server's reference to this media (the same in every response of a call)
+    attempt: int = 1            # which try of the call produced it (1 = the first)
+    restarted: bool = False     # first chunk of a try after a try that had streamed: drop what came before

@@ -3,6 +3,7 @@ parsing, conversation JSON, Prometheus parsing, load-report summary, CLI exit co
 failures. Fast and hermetic (an unreachable port on loopback is the only network use)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import socket
@@ -116,7 +117,7 @@ DONE = Chunk(text="hi", token_ids=(5,), prompt_tokens=3, completion_tokens=1, fi
 
 def test_retries_unavailable_before_first_token_then_succeeds():
     c = ScriptedClient([[Unavailable("down")], [Unavailable("down")], [DONE]])
-    assert list(c.generate(video=b"v", prompt="q")) == [DONE]
+    assert list(c.generate(video=b"v", prompt="q")) == [dataclasses.replace(DONE, attempt=3)]
     assert c.attempts == 3 and len(c.sleeps) == 2 and c.sleeps[0] <= 0.01 and c.sleeps[1] <= 0.02
 
 

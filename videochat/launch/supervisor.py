@@ -312,7 +312,8 @@ class Supervisor:
                 self._stop.wait(STUB_CHECK_INTERVAL_S)
         except Exception as exc:  # noqa: BLE001 - a supervisor bug must not leave a replica that says "ready"
             self.log(f"health: supervisor failed: {type(exc).__name__}: {exc}")
-            self._apply(self._decide(lambda p: p.fail(EXIT_UNHEALTHY, f"supervisor failed: {exc}")))
+            reason = f"supervisor failed: {exc}"
+            self._apply(self._decide(lambda p: p.fail(EXIT_UNHEALTHY, reason)))
 
     def _setup(self) -> None:
         """Instances per model from Triton's config API (the server is ready when we start)."""

@@ -7,7 +7,8 @@ JSON/CSV/PNG outputs). The names below are re-exported so `from videochat_client
 from .config import (DEFAULT_PROMPTS, MAX_CONCURRENCY, MAX_DURATION_S, MAX_INFLIGHT, MAX_LEVELS, MAX_RATE,
                      MAX_REQUESTS, MAX_TURNS, LoadConfig)
 from .report import CSV_FIELDS, Record, csv_rows, plot_report, summarize, write_outputs
-from .runner import default_metrics_url, run_loadtest
+from .runner import run_loadtest
+from .server_info import default_metrics_url
 
 __all__ = [
     "DEFAULT_PROMPTS", "MAX_CONCURRENCY", "MAX_DURATION_S", "MAX_INFLIGHT", "MAX_LEVELS", "MAX_RATE", "MAX_REQUESTS",

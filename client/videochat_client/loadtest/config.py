@@ -17,6 +17,10 @@ MAX_RATE = 10_000.0
 MAX_LEVELS = 32
 MAX_TURNS = 64
 MAX_INFLIGHT = 1024
+MAX_CONNECTIONS = 256
+# Connections per address the sessions are spread over: behind an L4 balancer (a Kubernetes Service, a cloud
+# NLB), which places whole connections, one connection would put the whole run on one replica.
+DEFAULT_CONNECTIONS = 8
 
 DEFAULT_PROMPTS = (
     "Describe the video in detail.",
@@ -46,6 +50,8 @@ class LoadConfig:
     level_timeout: float = 600.0              # hard cap per level for request-count mode
     metrics_url: Optional[str] = None
     seed: int = 0
+    media_reference: bool = True              # turns 2..N send the media_key, not the bytes (--no-media-reference)
+    connections: int = DEFAULT_CONNECTIONS    # gRPC connections per address; a session keeps its own
     # -- observability (docs/loadtest.md) --
     urls: Sequence[str] = ()                  # every replica (workers spread round robin); empty: just `url`
     metrics_urls: Sequence[str] = ()          # one per replica (default: `metrics_url`, or none)
@@ -61,7 +67,6 @@ class LoadConfig:
     @property
     def replicas(self) -> Tuple[str, ...]:
         return tuple(self.urls) or (self.url,)
-    media_reference: bool = True              # turns 2..N send the media_key, not the bytes (--no-media-reference)
 
     def validate(self) -> None:
         if bool(self.concurrency) == bool(self.rate):
@@ -81,6 +86,8 @@ class LoadConfig:
             raise ValueError(f"turns must be in [1, {MAX_TURNS}]")
         if not 1 <= self.max_inflight <= MAX_INFLIGHT:
             raise ValueError(f"max_inflight must be in [1, {MAX_INFLIGHT}]")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be in [1, {MAX_CONNECTIONS}]")
         if not 0 <= self.warmup <= 1000:
             raise ValueError("warmup must be in [0, 1000]")
         if not self.videos:

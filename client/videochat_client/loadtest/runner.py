@@ -30,7 +30,7 @@ from ..protocol import load_media
 from ..retry import RetryPolicy
 from .config import MAX_REQUESTS, LoadConfig
 from .report import Record, summarize
-from .server_info import default_metrics_url, fleet_scrape, model_config, scrape_all
+from .server_info import fleet_scrape, model_config, scrape_all
 
 
 @dataclass
@@ -199,7 +199,7 @@ async def _settled_scrape(urls: Sequence[str], before: Optional[Scrape], success
 
 
 def _client_for(cfg: LoadConfig, url: str) -> AsyncVideoChatClient:
-    return AsyncVideoChatClient(url, timeout=cfg.timeout, model_name=cfg.model_name,
+    return AsyncVideoChatClient(url, timeout=cfg.timeout, model_name=cfg.model_name, connections=cfg.connections,
                                 retry_policy=RetryPolicy(max_retries=cfg.retries, initial_backoff=0.1),
                                 ssl=cfg.ssl, root_certificates=cfg.root_certificates, private_key=cfg.private_key,
                                 certificate_chain=cfg.certificate_chain, headers=dict(cfg.headers))
@@ -273,6 +273,7 @@ async def run_loadtest(cfg: LoadConfig, *, progress_stream=sys.stderr,
             "duration_s_per_level": cfg.duration, "timeout_s": cfg.timeout, "retries": cfg.retries,
             "prompts": list(cfg.prompts), "media": asdict(cfg.media), "metrics_url": cfg.metrics_url,
             "max_inflight": cfg.max_inflight, "seed": cfg.seed, "media_reference": cfg.media_reference,
+            "connections": cfg.connections,
             "urls": list(cfg.replicas), "metrics_urls": metrics_urls, "model": cfg.model_name,
             "percentiles": list(cfg.percentiles), "goodput_slos": cfg.goodput or None, "ssl": cfg.ssl,
             "header_names": sorted(k for k, _ in cfg.headers),   # names only: values may be credentials

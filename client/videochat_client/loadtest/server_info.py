@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
+from ..client import parse_urls
 from ..metrics import Scrape
+from ..protocol import is_resolver_target
 
 
 def default_metrics_url(grpc_url: str) -> str:
-    host = urlsplit("//" + grpc_url).hostname or "localhost"
+    """Port 8002 on the host of the (first) address; a resolver target's (dns:///, ipv4:) first address."""
+    first = parse_urls(grpc_url)[0]
+    if is_resolver_target(first):
+        first = first.split(":", 1)[1].lstrip("/").split(",")[0]
+    host = urlsplit("//" + first).hostname or "localhost"
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:8002/metrics"
 
