@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from support.certs import make_pki
 from support.replica import VIDEO, Served, processes_under
-from videochat.launch.security import ADMIN_HEADER
+from videochat.launch.security import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from videochat_client import cli
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -121,7 +121,7 @@ def test_admin_apis_refuse_a_client_without_the_key(replicas, pki, call):
     client = raw_client(tls, pki, mutual=False)
     with pytest.raises(InferenceServerException) as exc:
         ADMIN_CALLS[call](client, None)
-    assert "restricted" in str(exc.value).lower() and ADMIN_HEADER in str(exc.value), str(exc.value)
+    assert "restricted" in str(exc.value).lower() and f"'{GRPC_ADMIN_HEADER}'" in str(exc.value), str(exc.value)
     # what users need stays open: health, metadata, the model config the probe reads
     assert client.is_model_ready("preprocessing") and client.is_server_ready()
     assert client.get_model_config("videochat", as_json=True)["config"]["name"] == "videochat"
@@ -134,7 +134,8 @@ def test_admin_http_api_refuses_without_the_key(replicas):
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(request, timeout=10)
     body = exc.value.read().decode()
-    assert exc.value.code in (401, 403) and ADMIN_HEADER in body, (exc.value.code, body)
+    assert exc.value.code in (401, 403) and f"'{ADMIN_HEADER}'" in body, (exc.value.code, body)
+    print(f"\nHTTP {exc.value.code}: {body}")
     with urllib.request.urlopen(f"http://127.0.0.1:{tls.http_port}/v2/models/preprocessing/ready", timeout=10) as r:
         assert r.status == 200   # still loaded
 
@@ -144,9 +145,12 @@ def test_admin_key_unlocks_the_admin_apis(replicas, pki):
     client = raw_client(mtls, pki, mutual=True)
     with pytest.raises(InferenceServerException):
         client.get_log_settings()
-    settings = client.get_log_settings(headers={ADMIN_HEADER: ADMIN_KEY}, as_json=True)
+    with pytest.raises(InferenceServerException):   # the HTTP header's name is not the gRPC one
+        client.get_log_settings(headers={ADMIN_HEADER: ADMIN_KEY})
+    key = {GRPC_ADMIN_HEADER: ADMIN_KEY}
+    settings = client.get_log_settings(headers=key, as_json=True)
     assert "log_verbose_level" in json.dumps(settings), settings
-    index = client.get_model_repository_index(headers={ADMIN_HEADER: ADMIN_KEY}, as_json=True)
+    index = client.get_model_repository_index(headers=key, as_json=True)
     assert {m["name"] for m in index["models"]} >= {"preprocessing", "videochat_llm", "videochat"}
 
 

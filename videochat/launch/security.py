@@ -5,10 +5,11 @@ and where each port listens (docs/deployment.md, "Deploying safely").
   `--grpc-root-cert` signed). Triton 2.51 has no TLS for its HTTP port, so with TLS on the HTTP port listens on
   loopback unless `--http-address` says otherwise: the launcher needs it (readiness, model reloads), nobody else.
 * Admin APIs: model control (`model-repository`), shared-memory registration, and the logging and trace settings
-  answer only requests that carry the header `ADMIN_HEADER` with the key (Triton's `--grpc-restricted-protocol`
-  / `--http-restricted-api`). Inference, health, metadata, model config and statistics stay open. The supervisor
-  reloads a dead model through model control, so the launcher holds the key: read from `--admin-key-file`, or
-  a random one per start that never leaves the process tree.
+  answer only requests that carry the key in the header `ADMIN_HEADER` (HTTP) or `GRPC_ADMIN_HEADER` (gRPC)
+  (Triton's `--grpc-restricted-protocol` / `--http-restricted-api`). Inference, health, metadata, model config
+  and statistics stay open. The supervisor reloads a dead model through model control, so the launcher holds
+  the key: read from `--admin-key-file`, or a random one per start. Triton takes it on its command line, so
+  processes of the same host (container) that may read /proc see it; nobody on the network does.
 * The supervisor's own probe dials the local gRPC port with the same TLS settings (and, for mTLS, a client
   certificate: the server's own unless `--probe-cert` / `--probe-key` are given).
 """
@@ -22,7 +23,9 @@ from typing import Optional
 
 # Triton's names of the API groups that change the server rather than use it.
 ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace")
-ADMIN_HEADER = "videochat-admin-key"      # gRPC metadata keys are lower case; HTTP headers match it too
+ADMIN_HEADER = "videochat-admin-key"      # HTTP header (lower case: gRPC metadata keys are)
+# Triton 2.51 prefixes the key of --grpc-restricted-protocol: gRPC callers send this one (measured)
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 LOOPBACK = "127.0.0.1"
 
 
