@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,14 @@ def test_compose_haproxy_and_prometheus_reach_every_replica(path):
 def prometheus_targets() -> dict:
     doc = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     return {job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]} for job in doc["scrape_configs"]}
+
+
+def test_prometheus_config_passes_promtool():
+    promtool = shutil.which("promtool")   # Debian's `prometheus` package; not installed by setup.sh
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus); the YAML checks above still ran")
+    result = run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 def test_haproxy_config_reads_the_variables_compose_sets():
