@@ -113,3 +113,36 @@ def test_small_shm_warning(capsys):
     assert warn_small_shm(big, MemoryOptions()) is True
     err = capsys.readouterr().err
     assert err.startswith("warning: /dev/shm is ") and "Shared memory sizing" in err, err
+
+
+def test_each_port_listens_on_its_own_address(pem):
+    from videochat.launch.tritonserver import Endpoints, TritonInstall, server_args
+
+    endpoints = Endpoints("0.0.0.0", 8000, 8001, 8002, http_host="127.0.0.1", metrics_host="10.0.0.7")
+    install = TritonInstall(pem / "tritonserver", pem, ())
+    args = server_args(install, pem, endpoints, shm_prefix="x_", exit_timeout_s=30, security=SecurityOptions(),
+                       admin_key="k")
+    assert {"--grpc-address=0.0.0.0", "--http-address=127.0.0.1", "--metrics-address=10.0.0.7"} <= set(args)
+    assert f"--grpc-restricted-protocol={','.join(ADMIN_APIS)}:{ADMIN_HEADER}=k" in args
+    assert endpoints.http_url == "http://127.0.0.1:8000" and endpoints.metrics_url == "http://10.0.0.7:8002/metrics"
+
+
+def test_a_taken_port_is_named_with_its_address():
+    import socket
+
+    from videochat.errors import UserError
+    from videochat.launch.launcher import check_ports_free
+    from videochat.launch.tritonserver import Endpoints
+
+    from support.replica import free_ports
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", 0))   # taken on the metrics address only
+        taken.listen()
+        port = taken.getsockname()[1]
+        http_port, grpc_port = free_ports(2)
+        ports = dict(http_port=http_port, grpc_port=grpc_port, metrics_port=port)
+        with pytest.raises(UserError, match=f"port {port} \\(--metrics-port\\) is already in use on 127.0.0.2"):
+            check_ports_free(Endpoints("127.0.0.1", metrics_host="127.0.0.2", **ports))
+        with pytest.raises(UserError, match="--metrics-address 'no.such.host.invalid'"):
+            check_ports_free(Endpoints("127.0.0.1", metrics_host="no.such.host.invalid", **ports))
