@@ -70,7 +70,7 @@ def test_admin_key_file(tmp_path):
     for bad in ("", "two words", "a:b", "a=b", "a,b"):
         good.write_text(bad)
         with pytest.raises(ValueError, match="one word"):
-            SecurityOptions(admin_key_file=good).admin_key()
+            SecurityOptions(admin_key_file=good)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -82,9 +82,10 @@ def test_admin_key_file(tmp_path):
      "--grpc-server-cert {pem}/missing.pem: no such file"),
     (["--probe-cert", "{pem}/probe.pem"], "give --probe-cert and --probe-key together"),
     (["--admin-key-file", "{pem}/nokey"], "--admin-key-file {pem}/nokey: no such file"),
+    (["--admin-key-file", "{pem}/cert.pem"], "the key must be one word"),
     (["--admin-api", "none"], "invalid choice"),
 ], ids=["no-cert", "mutual-without-ssl", "mutual-without-ca", "missing-file", "probe-cert-alone", "no-key-file",
-        "admin-api"])
+        "bad-key", "admin-api"])
 def test_bad_security_flags_exit_2_with_one_error_line(pem, flags, message):
     argv = [f.format(pem=pem) for f in flags]
     result = subprocess.run([sys.executable, "-m", "videochat", "serve", *argv], cwd=ROOT, capture_output=True,

@@ -78,6 +78,8 @@ class SecurityOptions:
         for flag, path in files.items():
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        if self.admin_key_file is not None:
+            self.admin_key()   # a malformed key fails with the other flags, before anything slow
 
     # -- where things listen ---------------------------------------------------------------------------------
     def http_host(self, host: str) -> str:
