@@ -297,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         security = security_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port,
-                          http_host=security.http_host(args.host), metrics_host=security.metrics_host(args.host))
+    http_host, metrics_host = security.http_host(args.host), security.metrics_host(args.host)
+    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port,   # "" = same as --host
+                          http_host="" if http_host == args.host else http_host,
+                          metrics_host="" if metrics_host == args.host else metrics_host)
     if not args.render_only:
         check_ports_free(endpoints, args.health_port)   # first: it costs nothing, everything after takes seconds
     work_dir = (args.work_dir or DEFAULT_WORK_DIR).resolve()
