@@ -6,6 +6,8 @@
         [--media-cache-mb 512] [--visual-cache-mb 256] [--max-queue N] [--request-timeout-s S]
         [--decode-isolation true|false] [--decode-timeout-s 120] [--decode-memory-mb 4096] [--work-dir DIR]
         [--health-port 8003 --probe-interval-s 2 --probe-timeout-s 10 --failures-before-unready 2 --max-recoveries 3]
+        [--grpc-ssl --grpc-server-cert PEM --grpc-server-key PEM [--grpc-root-cert PEM] [--grpc-ssl-mutual]]
+        [--admin-api restricted|open --admin-key-file FILE] [--http-address ADDR] [--metrics-address ADDR]
 
 Steps: find tritonserver (NVIDIA image or the nvidia-pytriton wheel) and prepare the python stub for this
 interpreter; render model_repository/ for the device and checkpoint into <work-dir>/model_repository; serve
@@ -40,6 +42,8 @@ from videochat.errors import EXIT_FAILURE, UserError, report
 from videochat.launch.logs import LOG_FORMATS, install_json_stdio
 from videochat.launch.readiness import ReadinessServer
 from videochat.launch.render import ENSEMBLE, LLM, PREPROCESSING, RepoOptions, render_repository
+from videochat.launch.security import SecurityOptions
+from videochat.launch.shm import shm_bytes_needed, shm_size
 from videochat.launch.supervisor import EXIT_SERVER_DIED, Supervisor, SupervisorOptions
 from videochat.launch.tritonserver import (UNLOAD_GRACE_S, Endpoints, LaunchError, MemoryOptions, TritonServer,
                                            find_triton)
@@ -58,6 +62,10 @@ def _health(option: str):
     return _default(option, SupervisorOptions)
 
 
+def _security(option: str):
+    return _default(option, SecurityOptions)
+
+
 def port_arg(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:
@@ -70,17 +78,20 @@ def check_ports_free(endpoints: Endpoints, health_port: int | None = None) -> No
     loading every model (minutes for the real one) and then exit with a log full of unrelated lines."""
     ports = {"--http-port": endpoints.http_port, "--grpc-port": endpoints.grpc_port,
              "--metrics-port": endpoints.metrics_port}
+    hosts = {"--http-port": (endpoints.http_bind, "--http-address" if endpoints.http_host else "--host"),
+             "--metrics-port": (endpoints.metrics_bind, "--metrics-address" if endpoints.metrics_host else "--host")}
     if health_port is not None:
         ports["--health-port"] = health_port
     if len(set(ports.values())) < len(ports):
         raise UserError(", ".join(ports) + " must differ, got "
                         + ", ".join(f"{flag} {port}" for flag, port in ports.items()))
     for flag, port in ports.items():
+        host, host_flag = hosts.get(flag, (endpoints.host, "--host"))
         try:
-            family, kind, proto, _, address = socket.getaddrinfo(endpoints.host, port, type=socket.SOCK_STREAM,
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                                  flags=socket.AI_PASSIVE)[0]
         except socket.gaierror as e:
-            raise UserError(f"--host {endpoints.host!r}: {e.strerror}") from None
+            raise UserError(f"{host_flag} {host!r}: {e.strerror}") from None
         with socket.socket(family, kind, proto) as probe:
             # SO_REUSEADDR: a port with only TIME_WAIT leftovers is free for tritonserver too; a listener is not
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,9 +99,9 @@ def check_ports_free(endpoints: Endpoints, health_port: int | None = None) -> No
                 probe.bind(address)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise UserError(f"port {port} ({flag}) is already in use on {endpoints.host}; stop what "
+                    raise UserError(f"port {port} ({flag}) is already in use on {host}; stop what "
                                     f"listens there or choose another {flag}") from None
-                raise UserError(f"cannot listen on {endpoints.host}:{port} ({flag}): {e.strerror}") from None
+                raise UserError(f"cannot listen on {host}:{port} ({flag}): {e.strerror}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=port_arg, default=8000)
     p.add_argument("--grpc-port", type=port_arg, default=8001)
     p.add_argument("--metrics-port", type=port_arg, default=8002)
+    p.add_argument("--http-address", default=_security("http_address"),
+                   help="where Triton's HTTP port listens (default --host; with --grpc-ssl 127.0.0.1, since "
+                        "Triton's HTTP has no TLS: the launcher alone needs it)")
+    p.add_argument("--metrics-address", default=_security("metrics_address"),
+                   help="where the Prometheus metrics port listens (default --host)")
     p.add_argument("--max-batch-size", type=int, default=_default("max_batch_size"), help="1 turns dynamic batching off")
     p.add_argument("--max-queue-delay-us", type=int, default=_default("max_queue_delay_us"),
                    help="how long the dynamic batcher waits for batch-mates")
@@ -179,6 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a reload, worker processes of the old model version that Triton kept alive (it does "
                         "when a request failed on the dead one) are killed this long after it (time for their "
                         "in-flight requests to finish)")
+    s = p.add_argument_group("security (docs/deployment.md, 'Deploying safely')")
+    s.add_argument("--grpc-ssl", action="store_true", default=_security("grpc_ssl"),
+                   help="TLS on the gRPC port (needs --grpc-server-cert and --grpc-server-key)")
+    s.add_argument("--grpc-server-cert", type=Path, default=_security("grpc_server_cert"), metavar="PEM")
+    s.add_argument("--grpc-server-key", type=Path, default=_security("grpc_server_key"), metavar="PEM")
+    s.add_argument("--grpc-root-cert", type=Path, default=_security("grpc_root_cert"), metavar="PEM",
+                   help="CA certificate(s): verify client certificates (--grpc-ssl-mutual), and the server's "
+                        "certificate for the launcher's own probe (without it the server certificate itself)")
+    s.add_argument("--grpc-ssl-mutual", action="store_true", default=_security("grpc_ssl_mutual"),
+                   help="mutual TLS: refuse clients without a certificate signed by --grpc-root-cert")
+    s.add_argument("--probe-cert", type=Path, default=_security("probe_cert"), metavar="PEM",
+                   help="mutual TLS: the launcher's probe presents this client certificate (default: the server's)")
+    s.add_argument("--probe-key", type=Path, default=_security("probe_key"), metavar="PEM")
+    s.add_argument("--probe-host", default=_security("probe_host"),
+                   help="address the launcher's probe dials; with TLS a name in the server certificate "
+                        "(default --host, 127.0.0.1 for 0.0.0.0)")
+    s.add_argument("--admin-api", choices=("restricted", "open"), default=_security("admin_api"),
+                   help="restricted: Triton's model control, shared-memory, logging and trace APIs need the "
+                        "header videochat-admin-key (gRPC and HTTP); open: anyone who reaches a port may call them")
+    s.add_argument("--admin-key-file", type=Path, default=_security("admin_key_file"), metavar="FILE",
+                   help="the admin key (one word); default: a random key per start, known only to the launcher")
     return p
 
 
@@ -230,8 +267,31 @@ def supervisor_options_from_args(args: argparse.Namespace) -> SupervisorOptions:
                              old_stub_grace_s=args.old_stub_grace_s)
 
 
+def security_from_args(args: argparse.Namespace) -> SecurityOptions:
+    return SecurityOptions(grpc_ssl=args.grpc_ssl, grpc_ssl_mutual=args.grpc_ssl_mutual,
+                           grpc_server_cert=args.grpc_server_cert, grpc_server_key=args.grpc_server_key,
+                           grpc_root_cert=args.grpc_root_cert, probe_cert=args.probe_cert, probe_key=args.probe_key,
+                           probe_host=args.probe_host, admin_api=args.admin_api, admin_key_file=args.admin_key_file,
+                           http_address=args.http_address, metrics_address=args.metrics_address)
+
+
 def memory_from_args(args: argparse.Namespace) -> MemoryOptions:
     return MemoryOptions(shm_growth_mb=args.shm_growth_mb, malloc_mmap_threshold_kb=args.malloc_mmap_threshold_kb)
+
+
+def warn_small_shm(opts: RepoOptions, memory: MemoryOptions, path: str = "/dev/shm") -> bool:
+    """Say so when /dev/shm is smaller than this configuration may need (a container's 64 MB default): requests
+    would fail with `Failed to increase the shared memory pool size` under load, long after the start."""
+    need = shm_bytes_needed(preprocess_instances=opts.preprocess_instances, instances=opts.instances,
+                            max_batch_size=opts.max_batch_size, max_video_bytes=opts.max_video_bytes,
+                            growth_mb=memory.shm_growth_mb)
+    have = shm_size(path)
+    if have is None or have >= need:
+        return False
+    print(f"warning: {path} is {have / 2**20:.0f} MiB, but this configuration may need up to {need / 2**20:.0f} MiB "
+          f"(docker: --shm-size; Kubernetes: a memory emptyDir; docs/deployment.md, 'Shared memory sizing')",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_format == "json":
         install_json_stdio()      # first: every line after this, errors included, is a JSON record
-    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    try:
+        security = security_from_args(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    http_host, metrics_host = security.http_host(args.host), security.metrics_host(args.host)
+    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port,   # "" = same as --host
+                          http_host="" if http_host == args.host else http_host,
+                          metrics_host="" if metrics_host == args.host else metrics_host)
     if not args.render_only:
         check_ports_free(endpoints, args.health_port)   # first: it costs nothing, everything after takes seconds
     work_dir = (args.work_dir or DEFAULT_WORK_DIR).resolve()
@@ -262,21 +329,29 @@ def main(argv: list[str] | None = None) -> int:
             print(repo)
             return 0
         install = find_triton(work_dir)
+        warn_small_shm(opts, memory)
     except ValueError as exc:   # RepoOptions validation (ConfigError and the rest are UserErrors already)
         raise UserError(str(exc)) from None
     except LaunchError as exc:  # tritonserver missing or its stub cannot be prepared: not a usage error
         return report(exc, EXIT_FAILURE)
 
     return serve(opts, health, install, repo, endpoints, exit_timeout_s=args.exit_timeout_secs, memory=memory,
-                 log_format=args.log_format)
+                 log_format=args.log_format, security=security)
 
 
 def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, endpoints: Endpoints, *,
-          exit_timeout_s: int, memory: MemoryOptions = MemoryOptions(), log_format: str = "text") -> int:
+          exit_timeout_s: int, memory: MemoryOptions = MemoryOptions(), log_format: str = "text",
+          security: SecurityOptions = SecurityOptions()) -> int:
     """Run tritonserver under the supervisor until SIGTERM/Ctrl-C (0), its death (1) or giving up (3)."""
-    server = TritonServer(install, repo, endpoints, exit_timeout_s=exit_timeout_s,
-                          models=(PREPROCESSING, LLM, ENSEMBLE), memory=memory, log_format=log_format)
-    client = VideoChatClient(endpoints.grpc_url, timeout=health.probe_timeout_s, max_retries=0)
+    try:
+        server = TritonServer(install, repo, endpoints, exit_timeout_s=exit_timeout_s,
+                              models=(PREPROCESSING, LLM, ENSEMBLE), memory=memory, log_format=log_format,
+                              security=security)
+    except ValueError as exc:   # an unusable --admin-key-file
+        raise UserError(str(exc)) from None
+    # the probe dials the local gRPC port as any client would: with TLS, and for mTLS with a client certificate
+    client = VideoChatClient(f"{security.probe_target(endpoints.host)}:{endpoints.grpc_port}",
+                             timeout=health.probe_timeout_s, max_retries=0, **security.probe_client_kwargs())
     supervisor = Supervisor(server, client, health, ensemble=ENSEMBLE, log=lambda m: print(m, flush=True))
     try:
         readiness = ReadinessServer(endpoints.host, health.health_port, supervisor.status).start()
@@ -293,7 +368,8 @@ def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, end
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"starting tritonserver ({opts.device}, checkpoint {opts.checkpoint}, repository {repo}); "
-          f"readiness on http://{endpoints.host}:{health.health_port}/ready", flush=True)
+          f"readiness on http://{endpoints.host}:{health.health_port}/ready; {_exposure(endpoints, security)}",
+          flush=True)
     try:
         server.start()
         try:
@@ -309,6 +385,13 @@ def serve(opts: RepoOptions, health: SupervisorOptions, install, repo: Path, end
         supervisor.stop()
         readiness.close()
         client.close()
+
+
+def _exposure(endpoints: Endpoints, security: SecurityOptions) -> str:
+    """One line for the log: what a client on the network meets."""
+    tls = "mutual TLS" if security.grpc_ssl_mutual else "TLS" if security.grpc_ssl else "plaintext"
+    return (f"grpc {tls} on {endpoints.host}, http on {endpoints.http_bind}, metrics on {endpoints.metrics_bind}, "
+            f"admin APIs {security.admin_api}")
 
 
 def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoints, opts: RepoOptions,
@@ -331,7 +414,7 @@ def _supervise(server: TritonServer, supervisor: Supervisor, endpoints: Endpoint
         if not announced and supervisor.became_ready.is_set():
             announced = True
             print(f"ready: model '{ENSEMBLE}' on grpc {endpoints.grpc_url}, http {endpoints.http_url}, "
-                  f"metrics http://{endpoints.host}:{endpoints.metrics_port}/metrics "
+                  f"metrics {endpoints.metrics_url} "
                   f"(streaming: {'on' if opts.decoupled else 'off'})", flush=True)
         if supervisor.exit_code is not None and not stopping:
             print(f"serve: giving up ({supervisor.status()['reason']}); stopping tritonserver", file=sys.stderr,

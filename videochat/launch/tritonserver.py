@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from videochat.launch import logs
+from videochat.launch.security import ADMIN_HEADER, SecurityOptions
 
 NVIDIA_IMAGE_DIR = Path("/opt/tritonserver")
 # tritonserver 2.51 logs this once every in-flight inference finished after SIGTERM; only unloading is left then
@@ -78,10 +79,20 @@ class MemoryOptions:
 
 @dataclass(frozen=True)
 class Endpoints:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"          # gRPC (and, unless given below, HTTP and metrics) listen here
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    http_host: str = ""              # "" = host
+    metrics_host: str = ""           # "" = host
+
+    @property
+    def http_bind(self) -> str:
+        return self.http_host or self.host
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.metrics_host or self.host
 
     @property
     def grpc_url(self) -> str:
@@ -89,7 +100,11 @@ class Endpoints:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"http://{self.http_bind}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_bind}:{self.metrics_port}/metrics"
 
 
 def find_triton(work_dir: Path) -> TritonInstall:
@@ -140,21 +155,23 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None, *,
 
 def server_args(install: TritonInstall, repository: Path, endpoints: Endpoints, *, shm_prefix: str,
                 exit_timeout_s: int, log_verbose: int = 0, models: Sequence[str] = (),
-                memory: MemoryOptions = MemoryOptions()) -> list[str]:
+                memory: MemoryOptions = MemoryOptions(), security: SecurityOptions = SecurityOptions(),
+                admin_key: str | None = None) -> list[str]:
     """`models` given: explicit model control (only these are loaded, and `load_model` can reload one: the only
     way to replace a dead python stub in 2.51); empty: Triton loads the whole repository and no model can be
-    reloaded."""
+    reloaded. `security`: TLS and the admin APIs behind `admin_key` (security.py)."""
     control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)] if models else []
     return [
         str(install.binary),
         f"--model-repository={Path(repository).resolve()}",
         f"--backend-directory={install.backends}",
-        f"--grpc-address={endpoints.host}", f"--http-address={endpoints.host}",
-        f"--metrics-address={endpoints.host}",
+        f"--grpc-address={endpoints.host}", f"--http-address={endpoints.http_bind}",
+        f"--metrics-address={endpoints.metrics_bind}",
         f"--grpc-port={endpoints.grpc_port}", f"--http-port={endpoints.http_port}",
         f"--metrics-port={endpoints.metrics_port}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         *memory.args(),
+        *security.triton_args(admin_key),
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
         *control,
@@ -175,13 +192,17 @@ class TritonServer:
 
     def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, *,
                  log_path: Path | None = None, exit_timeout_s: int = 30, models: Sequence[str] = (),
-                 memory: MemoryOptions = MemoryOptions(), log_verbose: int = 0, log_format: str = "text") -> None:
+                 memory: MemoryOptions = MemoryOptions(), log_verbose: int = 0, log_format: str = "text",
+                 security: SecurityOptions = SecurityOptions()) -> None:
         self.endpoints = endpoints
+        self.security = security
+        self.admin_key = security.admin_key()   # held here for reloads; Triton gets it on its command line
         self.repository = Path(repository).resolve()
         self.exit_timeout_s = exit_timeout_s
         self.shm_prefix = f"videochat_{uuid.uuid4().hex[:12]}_"
         self.args = server_args(install, repository, endpoints, shm_prefix=self.shm_prefix,
-                                exit_timeout_s=exit_timeout_s, log_verbose=log_verbose, models=models, memory=memory)
+                                exit_timeout_s=exit_timeout_s, log_verbose=log_verbose, models=models, memory=memory,
+                                security=security, admin_key=self.admin_key)
         self.env = server_env(install, memory=memory)
         self.log_path = log_path
         self.log_format = log_format     # "json": each line becomes a JSON record (videochat.launch.logs)
@@ -267,7 +288,7 @@ class TritonServer:
             if path.is_file():
                 os.utime(path, (now, now))
         request = urllib.request.Request(f"{self.endpoints.http_url}/v2/repository/models/{name}/load", data=b"",
-                                         method="POST")
+                                         method="POST", headers=self.admin_headers())
         try:
             with urllib.request.urlopen(request, timeout=timeout_s):
                 pass
@@ -275,6 +296,10 @@ class TritonServer:
             raise LaunchError(f"reloading {name} failed: HTTP {exc.code}: {_error_text(exc.read())}") from None
         except OSError as exc:
             raise LaunchError(f"reloading {name} failed: {exc}") from None
+
+    def admin_headers(self) -> dict[str, str]:
+        """Headers that unlock Triton's admin APIs (model control, ...) on this server; {} when they are open."""
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
 
     def terminate(self) -> None:
         """Ask for a graceful stop (in-flight requests finish)."""
