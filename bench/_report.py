@@ -65,6 +65,7 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"**{m['peak_over_weights']:.2f}x** measured, {m['full_size_peak_over_weights_extrapolated']:.2f}x "
                     f"extrapolated to full size", m.get("target", "< 1.2"),
                     f"`python bench/load_memory_bench.py --llm-layers {m['llm_layers']}`"))
+    out += production_rows()
     g = load("gpu.json")
     if g and "skipped" not in g:
         for d in g["decode"]:
@@ -74,6 +75,39 @@ def rows() -> list[tuple[str, str, str, str]]:
     elif g:
         out.append(("GPU (full size, bf16)", "not measured: no GPU was available", "-",
                     "`python bench/gpu_bench.py`"))
+    return out
+
+
+def production_rows() -> list[tuple[str, str, str, str]]:
+    """Soak, failover and follow-up figures (docs/operations.md, docs/deployment.md, docs/client.md)."""
+    out = []
+    k = load("soak.json")
+    if k:
+        worst = max(p.get("growth_mb", 0.0) for p in k["per_process"].values())
+        tri = k["per_process"]["tritonserver"]
+        out.append((f"soak: {k['config']['minutes']:.0f} min at concurrency {k['config']['concurrency']}, good and "
+                    f"bad inputs mixed, RSS of every process after a {k['config']['warmup_minutes']:.0f}-min warm-up",
+                    f"**{'PASS' if k['passed'] else 'FAIL'}**: {k['requests']:,} requests, "
+                    f"{sum(k['unexpected_errors'].values())} unexpected errors, largest growth {worst:+.1f} MB "
+                    f"(tritonserver {tri['start_mb']:.0f} -> {tri['end_mb']:.0f} MB)",
+                    f"growth <= {k['config']['max_growth_mb']:.0f} MB, 0 errors", f"`{k['command']}`"))
+    f = load("failover.json")
+    if f:
+        out.append((f"failover: {f['replicas']} replicas behind haproxy, one SIGKILLed and one drained under "
+                    f"multi-turn load",
+                    f"**{f['lost']} lost**, {f['mismatched']} mismatched of {f['conversations']} conversations "
+                    f"({f['requests']} requests, {f['retried']} retried, worst added latency "
+                    f"{f['worst_added_latency_ms'] / 1000:.1f} s)", "0 lost", "`python bench/failover_bench.py`"))
+    u = load("followup.json")
+    if u:
+        for clip in u["clips"]:
+            ref, re_ = clip["modes"]["reference"], clip["modes"]["reupload"]
+            out.append((f"follow-ups by media_key vs re-upload, {u['turns']}-"
+                        f"turn conversations, {clip['bytes'] / 1e6:.1f} MB clip",
+                        f"**{ref['bytes_per_conversation'] / 1e6:.1f} vs {re_['bytes_per_conversation'] / 1e6:.1f} MB** "
+                        f"uploaded; follow-up latency {ref['followup_latency_ms']['median']:.0f} vs "
+                        f"{re_['followup_latency_ms']['median']:.0f} ms (median)", "video sent once",
+                        "`python bench/followup_bench.py`"))
     return out
 
 
