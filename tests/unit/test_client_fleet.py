@@ -8,6 +8,7 @@ import asyncio
 import grpc
 import pytest
 
+from support.grpc_errors import FakeRpcError
 from videochat_client import (AnswerRestarted, AsyncVideoChatClient, InvalidArgument, RetryPolicy, ServerError,
                               Unavailable, VideoChatClient)
 from videochat_client.client import parse_urls
@@ -15,18 +16,6 @@ from videochat_client.errors import is_replica_lost, is_retryable, to_error
 from videochat_client.loadtest import LoadConfig
 from videochat_client.protocol import channel_args
 from videochat_client.types import Chunk
-
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
 
 PIECES = [Chunk(text="a", token_ids=(1,)), Chunk(text="b", token_ids=(2,))]

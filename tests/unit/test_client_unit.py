@@ -15,6 +15,7 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import InferenceServerException
 
+from support.grpc_errors import FakeRpcError
 from videochat_client import (Cancelled, DeadlineExceeded, InvalidArgument, RetryPolicy, ServerError, Unavailable,
                               VideoChatClient, VideoChatError)
 from videochat_client import cli
@@ -30,17 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
 
 # -- errors ---------------------------------------------------------------------------------------------
