@@ -145,6 +145,21 @@ def test_compose_haproxy_and_prometheus_reach_every_replica(path):
         assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), svc.get("ports")
 
 
+@pytest.mark.parametrize("path", COMPOSE, ids=lambda p: p.name)
+def test_compose_grafana_provisions_the_dashboard_over_prometheus(path):
+    """Grafana gets the dashboard and a datasource that is the stack's Prometheus (docs/observability.md)."""
+    grafana = load_compose(path)["services"]["grafana"]
+    mounts = {v["target"]: (path.parent / v["source"]).resolve() for v in grafana["volumes"] if v["read_only"]}
+    provisioning = mounts["/etc/grafana/provisioning"]
+    dashboards = yaml.safe_load((provisioning / "dashboards" / "videochat.yaml").read_text())
+    folder, = [p["options"]["path"] for p in dashboards["providers"]]
+    assert mounts[f"{folder}/videochat.json"] == DEPLOY / "grafana" / "videochat.json"
+    source, = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    prom_port = load_compose(path)["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{prom_port}"
+    assert "prometheus" in grafana["depends_on"]
+
+
 def prometheus_targets() -> dict:
     doc = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     return {job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]} for job in doc["scrape_configs"]}
