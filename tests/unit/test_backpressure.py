@@ -6,6 +6,8 @@ earlier of the client's timeout_ms and the server's request timeout. Also the pa
 parameter, the settings and flags that carry the limits, and the client's mapping of the errors' messages."""
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import pytest
@@ -293,10 +295,11 @@ def test_client_retries_move_along_the_urls_and_back_off_once_all_were_tried():
             yield outcome
 
     c = Scripted("a:1, b:2,c:3", [Unavailable("overloaded"), Unavailable("down"), Unavailable("x"), done])
-    assert list(c.generate(video=b"v", prompt="q")) == [done]
+    assert list(c.generate(video=b"v", prompt="q")) == [dataclasses.replace(done, attempt=4)]   # the 4th try
     assert c.urls == ["a:1", "b:2", "c:3", "a:1"] and len(c.sleeps) == 1
     c = Scripted(["a:1"], [Unavailable("overloaded"), done])
-    assert list(c.generate(video=b"v", prompt="q")) == [done] and c.urls == ["a:1", "a:1"] and len(c.sleeps) == 1
+    assert list(c.generate(video=b"v", prompt="q")) == [dataclasses.replace(done, attempt=2)]
+    assert c.urls == ["a:1", "a:1"] and len(c.sleeps) == 1
     with pytest.raises(ValueError):
         VideoChatClient(" , ")
 
