@@ -27,7 +27,8 @@ needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installe
 def test_haproxy_config_has_the_documented_settings():
     text = CONFIG.read_text()
     for setting in (r"bind \"\$\{VIDEOCHAT_LB_BIND-[^}]+\}\" proto h2", r"balance hdr\(\"\$\{VIDEOCHAT_LB_HASH_HEADER-x-session-id\}\"\)",
-                    r"hash-type consistent", r"option httpchk GET /ready", r"default-server proto h2 ",
+                    r"hash-type consistent",
+                    r"hash-balance-factor \"\$\{VIDEOCHAT_LB_HASH_BALANCE_FACTOR-150\}\"", r"option httpchk GET /ready", r"default-server proto h2 ",
                     r"timeout server 10m", r"timeout client 10m", r"timeout tunnel", r"hard-stop-after",
                     r"tune.h2.initial-window-size", r"tune.bufsize"):
         assert re.search(setting, text), setting
@@ -46,6 +47,17 @@ def test_haproxy_config_is_valid_with_one_to_four_replicas(n):
                       stats_bind="127.0.0.1:9404", sock="/tmp/videochat-haproxy-check.sock")
     done = check_config(HAPROXY, env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_haproxy
+@pytest.mark.parametrize("factor, valid", [(0, True), (150, True), (100, False)])
+def test_haproxy_bounded_load_factor_comes_from_the_environment(factor, valid):
+    env = environment([("127.0.0.1:9001", 9101)], bind="127.0.0.1:9000", stats_bind="127.0.0.1:9404",
+                      sock="/tmp/videochat-haproxy-check.sock", balance_factor=factor)
+    done = check_config(HAPROXY, env)
+    assert (done.returncode == 0) == valid, done.stdout + done.stderr
+    if not valid:   # haproxy's own rule, so a typo is caught at start, not by skewed load
+        assert "must be 0 or greater than 100" in done.stderr
 
 
 @needs_haproxy
