@@ -9,10 +9,11 @@ first answer's `media_key`, run three times with the same file: hashing on (the 
 load 150), hashing on without bounded load (VIDEOCHAT_LB_HASH_BALANCE_FACTOR=0), and hashing off
 (VIDEOCHAT_LB_HASH_HEADER=x-no-affinity, a header no client sends: haproxy balances round robin). A key is only
 valid on the replica that issued it, so a follow-up placed elsewhere misses and the client re-uploads once.
-The modes take turns, `--runs` rounds. Per mode, over its rounds: the share of follow-ups answered by reference (hit rate), re-uploads, video bytes uploaded per
-conversation, follow-up TTFT and latency medians, the replicas' counters (hits, misses, re-uploads), calls per
-replica, and whether every answer equals the same conversation on one replica alone. The shared code is
-tests/support/affinity.py (the e2e test tests/e2e/test_media_reference_fleet.py runs it too).
+The modes take turns, `--runs` rounds. Per mode, over its rounds: the share of follow-ups answered by
+reference (hit rate), re-uploads, video bytes uploaded per conversation, follow-up TTFT and latency medians,
+the replicas' counters (hits, misses, re-uploads), calls per replica, and whether every answer equals the same
+conversation on one replica alone. The shared code is tests/support/affinity.py (the e2e test
+tests/e2e/test_media_reference_fleet.py runs it too).
 Writes bench/results/followup_fleet.json and prints a table.
 """
 from __future__ import annotations

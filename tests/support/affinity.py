@@ -59,9 +59,9 @@ def converse(url: str, script: int, *, turns: int, max_new_tokens: int) -> Conv:
         answers = [conv.ask(QUESTIONS[k % len(QUESTIONS)], max_new_tokens=max_new_tokens) for k in range(turns)]
     assert conv.reuploads == sum(a.reuploaded for a in answers)
     assert conv.video_bytes_sent == sum(a.video_bytes_sent for a in answers)
-    return Conv(script % len(MEDIA), [a.text for a in answers], [a.token_ids for a in answers], [a.reuploaded for a in answers],
-                [a.video_bytes_sent for a in answers], [a.timings.time_to_first_token_ms for a in answers],
-                [a.timings.latency_ms for a in answers])
+    return Conv(script % len(MEDIA), [a.text for a in answers], [a.token_ids for a in answers],
+                [a.reuploaded for a in answers], [a.video_bytes_sent for a in answers],
+                [a.timings.time_to_first_token_ms for a in answers], [a.timings.latency_ms for a in answers])
 
 
 def run_conversations(url: str, n: int, *, concurrency: int, turns: int, max_new_tokens: int) -> list[Conv]:

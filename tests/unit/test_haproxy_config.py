@@ -26,9 +26,10 @@ needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installe
 
 def test_haproxy_config_has_the_documented_settings():
     text = CONFIG.read_text()
-    for setting in (r"bind \"\$\{VIDEOCHAT_LB_BIND-[^}]+\}\" proto h2", r"balance hdr\(\"\$\{VIDEOCHAT_LB_HASH_HEADER-x-session-id\}\"\)",
-                    r"hash-type consistent",
-                    r"hash-balance-factor \"\$\{VIDEOCHAT_LB_HASH_BALANCE_FACTOR-150\}\"", r"option httpchk GET /ready", r"default-server proto h2 ",
+    for setting in (r"bind \"\$\{VIDEOCHAT_LB_BIND-[^}]+\}\" proto h2",
+                    r"balance hdr\(\"\$\{VIDEOCHAT_LB_HASH_HEADER-x-session-id\}\"\)", r"hash-type consistent",
+                    r"hash-balance-factor \"\$\{VIDEOCHAT_LB_HASH_BALANCE_FACTOR-150\}\"",
+                    r"option httpchk GET /ready", r"default-server proto h2 ",
                     r"timeout server 10m", r"timeout client 10m", r"timeout tunnel", r"hard-stop-after",
                     r"tune.h2.initial-window-size", r"tune.bufsize"):
         assert re.search(setting, text), setting
