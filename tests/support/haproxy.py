@@ -19,6 +19,9 @@ from support.replica import free_ports
 
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 BACKEND = "videochat"
+# A header no client sends: with VIDEOCHAT_LB_HASH_HEADER set to it, `balance hdr()` finds nothing to hash and
+# haproxy balances round robin (affinity off, same file).
+NO_AFFINITY = "x-no-affinity"
 
 
 def find_haproxy() -> Optional[str]:
@@ -29,10 +32,17 @@ def find_haproxy() -> Optional[str]:
     return None
 
 
-def environment(replicas: Sequence[tuple[str, int]], *, bind: str, stats_bind: str, sock: str) -> dict[str, str]:
-    """What deploy/haproxy/haproxy.cfg reads: replicas as (host:grpc_port, health_port)."""
+def environment(replicas: Sequence[tuple[str, int]], *, bind: str, stats_bind: str, sock: str,
+                hash_header: Optional[str] = None, balance_factor: Optional[int] = None) -> dict[str, str]:
+    """What deploy/haproxy/haproxy.cfg reads: replicas as (host:grpc_port, health_port); `hash_header` sets
+    VIDEOCHAT_LB_HASH_HEADER, `balance_factor` VIDEOCHAT_LB_HASH_BALANCE_FACTOR (None: the file's defaults,
+    x-session-id and 150)."""
     assert 1 <= len(replicas) <= 4, "the shipped config has four server slots"
     env = {"VIDEOCHAT_LB_BIND": bind, "VIDEOCHAT_LB_STATS_BIND": stats_bind, "VIDEOCHAT_LB_SOCKET": sock}
+    if hash_header is not None:
+        env["VIDEOCHAT_LB_HASH_HEADER"] = hash_header
+    if balance_factor is not None:
+        env["VIDEOCHAT_LB_HASH_BALANCE_FACTOR"] = str(balance_factor)
     for i, (addr, health_port) in enumerate(replicas, start=1):
         env[f"VIDEOCHAT_REPLICA_{i}"] = addr
         env[f"VIDEOCHAT_HEALTH_PORT_{i}"] = str(health_port)
@@ -46,14 +56,17 @@ def check_config(binary: str, env: dict[str, str]) -> subprocess.CompletedProces
 
 
 class Haproxy:
-    """haproxy -db (foreground) in front of `replicas`; `.url` is its gRPC address."""
+    """haproxy -db (foreground) in front of `replicas`; `.url` is its gRPC address; `hash_header` and
+    `balance_factor`: see `environment` (NO_AFFINITY: round robin)."""
 
-    def __init__(self, binary: str, replicas: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, binary: str, replicas: Sequence[tuple[str, int]], *, hash_header: Optional[str] = None,
+                 balance_factor: Optional[int] = None) -> None:
         self.port, self.stats_port = free_ports(2)
         self.dir = Path(tempfile.mkdtemp(prefix="vc-lb-"))   # short: a unix socket path has at most 107 bytes
         self.socket = self.dir / "admin.sock"
         self.env = environment(replicas, bind=f"127.0.0.1:{self.port}", stats_bind=f"127.0.0.1:{self.stats_port}",
-                               sock=str(self.socket))
+                               sock=str(self.socket), hash_header=hash_header,
+                               balance_factor=balance_factor)
         checked = check_config(binary, self.env)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         self.lines: list[str] = []
