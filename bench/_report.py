@@ -66,6 +66,7 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"extrapolated to full size", m.get("target", "< 1.2"),
                     f"`python bench/load_memory_bench.py --llm-layers {m['llm_layers']}`"))
     out += production_rows()
+    out += upgrade_rows()
     g = load("gpu.json")
     if g and "skipped" not in g:
         for d in g["decode"]:
@@ -108,6 +109,36 @@ def production_rows() -> list[tuple[str, str, str, str]]:
                         f"uploaded; follow-up latency {ref['followup_latency_ms']['median']:.0f} vs "
                         f"{re_['followup_latency_ms']['median']:.0f} ms (median)", "video sent once",
                         "`python bench/followup_bench.py`"))
+    return out
+
+
+def upgrade_rows() -> list[tuple[str, str, str, str]]:
+    """transformers 4.57 vs 5.x: the same benchmarks in both checkouts, interleaved (transformers_upgrade.json)."""
+    t = load("transformers_upgrade.json")
+    if not t:
+        return []
+    old, new = t["trees"]["old"], t["trees"]["new"]
+    label = f"transformers {old['transformers']} -> {new['transformers']} (commits {old['commit']} -> {new['commit']})"
+    out = []
+    for name, bench in t["benches"].items():
+        runs = {tag: [r["summary"] for r in bench["runs"] if r["tree"] == tag] for tag in ("old", "new")}
+        if not runs["old"] or not runs["new"]:
+            continue
+        if name.startswith("batching"):
+            for workload in runs["new"][0]:
+                o, n = runs["old"][0][workload], runs["new"][0][workload]
+                out.append((f"{label}: {name}, {workload}",
+                            f"batching gain **{o['gain_median']:.2f}x -> {n['gain_median']:.2f}x**; req/s batching "
+                            f"{o['rps_batching_median']:.2f} -> {n['rps_batching_median']:.2f}, unbatched "
+                            f"{o['rps_no_batching_median']:.2f} -> {n['rps_no_batching_median']:.2f}",
+                            "no regression", f"`{bench['command']}`"))
+        else:
+            o, n = runs["old"][0], runs["new"][0]
+            out.append((f"{label}: {name}",
+                        f"overhead **{o['overhead_ratio_of_medians']:.2f}x -> {n['overhead_ratio_of_medians']:.2f}x**; "
+                        f"in-process {o['in_process_ms_median']:.0f} -> {n['in_process_ms_median']:.0f} ms, served "
+                        f"{o['server_ms_median']:.0f} -> {n['server_ms_median']:.0f} ms",
+                        "no regression", f"`{bench['command']}`"))
     return out
 
 

@@ -160,8 +160,10 @@ def run_workload(name: str, servers: dict, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # --max-queue: room for every request of the closed loop, so the unbatched server queues them instead of
+    # refusing the overflow (its default queue is 4 x --max-active): this measures throughput, not backpressure
     common = [*(["--checkpoint", str(args.checkpoint)] if args.checkpoint else []), "--device", "cpu",
-              *args.serve_arg]
+              "--max-queue", str(args.concurrency), *args.serve_arg]
     configs = {"batching": [*common, "--max-batch-size", str(args.batch_size)],
                "no_batching": [*common, "--max-batch-size", "1"]}
     if args.with_static_baseline:
