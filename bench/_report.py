@@ -131,14 +131,14 @@ def upgrade_rows() -> list[tuple[str, str, str, str]]:
                             f"batching gain **{o['gain_median']:.2f}x -> {n['gain_median']:.2f}x**; req/s batching "
                             f"{o['rps_batching_median']:.2f} -> {n['rps_batching_median']:.2f}, unbatched "
                             f"{o['rps_no_batching_median']:.2f} -> {n['rps_no_batching_median']:.2f}",
-                            "no regression", f"`{bench['command']}`"))
+                            "req/s not lower", f"`{bench['command']}`"))
         else:
             o, n = runs["old"][0], runs["new"][0]
             out.append((f"{label}: {name}",
                         f"overhead **{o['overhead_ratio_of_medians']:.2f}x -> {n['overhead_ratio_of_medians']:.2f}x**; "
                         f"in-process {o['in_process_ms_median']:.0f} -> {n['in_process_ms_median']:.0f} ms, served "
                         f"{o['server_ms_median']:.0f} -> {n['server_ms_median']:.0f} ms",
-                        "no regression", f"`{bench['command']}`"))
+                        "latency not higher", f"`{bench['command']}`"))
     return out
 
 
