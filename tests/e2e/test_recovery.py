@@ -28,7 +28,9 @@ from support.server import wait_for
 from videochat_client import cli
 
 UNREADY_WITHIN_S = 3.0           # the stub watcher scans every 0.5 s
-PROBE_UNREADY_WITHIN_S = 10.0    # 2 failed checks; Triton answers `not healthy` for a stopped stub after ~1 s
+# 2 failed checks: Triton answers `not healthy` for a stopped stub after ~1 s, or a probe times out
+# (--probe-timeout-s 3 below: a warm 1-token probe takes ~40 ms, the default 10 s made this 20 s in the worst case)
+PROBE_UNREADY_WITHIN_S = 15.0
 PREPROCESSING_BACK_WITHIN_S = 60.0
 LLM_BACK_WITHIN_S = 90.0         # a new stub imports torch and loads the model (measured ~20 s on 2 busy cores)
 SETTLE_S = 4.0                   # traffic after recovery, all of which must succeed
@@ -38,7 +40,7 @@ EXIT_TIMEOUT_S = 60              # --exit-timeout-secs of the shared server
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     s = Served(tmp_path_factory.mktemp("recovery"), "--preprocess-instances", "2", "--probe-interval-s", "0.5",
-               "--old-stub-grace-s", "5", exit_timeout_s=EXIT_TIMEOUT_S)
+               "--probe-timeout-s", "3", "--old-stub-grace-s", "5", exit_timeout_s=EXIT_TIMEOUT_S)
     try:
         yield s.wait_ready()
     finally:
