@@ -8,61 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from dataclasses import dataclass
-
 import pytest
 
+from support.fake_engine import FakeEngine
 from support.fakes import ListSink
 from support.paths import TINY
 from videochat.serving.requests import RequestError, parse_timeout_ms
 from videochat.serving.scheduler import DEADLINE, UNAVAILABLE, Job, Scheduler, deadline_for
-
-
-@dataclass(frozen=True)
-class Ev:                      # the fields of videochat.runtime.types.TokenEvent the scheduler reads
-    token_id: int | None
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    prompt_tokens: int = 7
-
-
-class FakeEngine:
-    """Request = {"n": tokens}; records what was added and cancelled."""
-
-    def __init__(self):
-        self.active: dict[int, list] = {}
-        self.added: list[dict] = []
-        self.cancelled: list[int] = []
-        self.next_handle = 0
-
-    def add(self, requests):
-        handles = []
-        for r in requests:
-            self.added.append(r)
-            self.active[self.next_handle] = [r, 0]
-            handles.append(self.next_handle)
-            self.next_handle += 1
-        return handles
-
-    def step(self):
-        out = []
-        for h, state in list(self.active.items()):
-            state[1] += 1
-            finished = state[1] >= state[0]["n"]
-            out.append((h, Ev(100 + state[1], f"w{state[1]} ", finished, "length" if finished else None)))
-            if finished:
-                del self.active[h]
-        return out
-
-    def cancel(self, handle):
-        self.cancelled.append(handle)
-        del self.active[handle]
-        return Ev(None, "", True, "cancelled")
-
-    @property
-    def num_active(self):
-        return len(self.active)
 
 
 class Clock:
