@@ -30,12 +30,10 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +41,10 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from _server import RESULTS, VIDEOS, demo_checkpoint, free_port  # noqa: E402
+from _server import RESULTS, VIDEOS  # noqa: E402
+from support.replica import Served, children, cmdline  # noqa: E402
 from videochat_client import VideoChatClient, VideoChatError  # noqa: E402
 from videochat_client.schema import LIMITS  # noqa: E402
 
@@ -111,18 +111,9 @@ def _kb(text: str) -> float:
     return float(text.split()[0]) if text else 0.0
 
 
-def children(pid: int) -> List[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def process_name(pid: int) -> str:
     """`tritonserver`, a stub's model instance name (its 9th argument), or the executable's name."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    argv = [a for a in cmdline(pid) if a]
     exe = os.path.basename(argv[0]) if argv else str(pid)
     if exe == "triton_python_backend_stub" and len(argv) > 8:
         return argv[8]
@@ -157,8 +148,7 @@ def decode_processes(stub_name: str, stub_pid: int) -> Dict[str, int]:
 
 def shm_region(pid: int) -> Optional[Path]:
     """A python stub's shared-memory region file (its 3rd argument), mapped by the stub and by tritonserver."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    argv = [a for a in cmdline(pid) if a]
     if argv and os.path.basename(argv[0]) == "triton_python_backend_stub" and len(argv) > 2:
         return Path("/dev/shm") / argv[2]
     return None
@@ -183,58 +173,6 @@ def memory_mb(pid: int) -> Optional[Dict[str, float]]:
         except OSError:
             pass
     return {k: round(v, 2) for k, v in mb.items()}
-
-
-# -- the replica -----------------------------------------------------------------------------------------------
-class Replica:
-    """`python -m videochat serve` as a subprocess on free loopback ports (own session: SIGTERM reaches it alone)."""
-
-    def __init__(self, serve_args: Sequence[str], work_dir: Path):
-        self.http, self.grpc, self.metrics, self.health = free_port(), free_port(), free_port(), free_port()
-        self.work_dir = work_dir
-        self.command = [sys.executable, "-m", "videochat", "serve", "--device", "cpu", "--host", "127.0.0.1",
-                        "--checkpoint", str(demo_checkpoint()), "--work-dir", str(work_dir),
-                        "--http-port", str(self.http), "--grpc-port", str(self.grpc),
-                        "--metrics-port", str(self.metrics), "--health-port", str(self.health),
-                        "--exit-timeout-secs", "10", *serve_args]
-        self.log = work_dir / "serve.log"
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.grpc}"
-
-    def start(self, timeout_s: float = 600) -> None:
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"serve not ready after {timeout_s:.0f} s")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> Optional[int]:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
 
 
 # -- load ------------------------------------------------------------------------------------------------------
@@ -361,13 +299,13 @@ def plot(samples: List[dict], warmup_s: float, path: Path, title: str) -> None:
 # -- main ------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     work_dir = Path(tempfile.mkdtemp(prefix="soak-"))
-    replica = Replica(args.serve_arg, work_dir)
+    replica: Optional[Served] = None
     mix = session_mix()
     samples: List[dict] = []
     server_died_at = None
     t_start = time.monotonic()
     try:
-        replica.start()
+        replica = Served(work_dir, "--host", "127.0.0.1", *args.serve_arg).wait_ready(timeout_s=600)
         procs = replica_processes(replica.proc.pid)
         print(f"serving on {replica.url}; processes {procs}", flush=True)
         t0 = time.monotonic()
@@ -385,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
                 line = " ".join(f"{n}={m['rss']:.0f}" for n, m in sorted(mb.items()))
                 print(f"[{samples[-1]['t'] / 60:5.1f} min] requests {done} errors {errors} RSS MB: {line}", flush=True)
                 next_sample += args.sample_s
-                if not replica.alive() and server_died_at is None:
+                if replica.proc.poll() is not None and server_died_at is None:
                     server_died_at = samples[-1]["t"]
                     print("the server exited during the run", flush=True)
             time.sleep(0.5)
@@ -393,8 +331,8 @@ def run(args: argparse.Namespace) -> dict:
         elapsed = time.monotonic() - t0
         tally = load.tally
     finally:
-        rc = replica.stop()
-        log_tail = replica.log.read_text(errors="replace")[-2000:] if replica.log.is_file() else ""
+        rc = replica.stop() if replica is not None else None
+        log_tail = replica.output(40)[-2000:] if replica is not None else ""
         shutil.rmtree(work_dir, ignore_errors=True)
 
     warmup_s = args.warmup_minutes * 60
@@ -416,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "what": "RSS of every replica process under a mixed 2-turn load; growth after the warm-up",
         "command": "python bench/soak_bench.py " + " ".join(sys.argv[1:]),
-        "serve_command": " ".join(["python -m videochat serve"] + replica.command[5:]),
+        "serve_command": " ".join(["python -m videochat serve"] + replica.cmd[4:]),
         "config": {"minutes": args.minutes, "warmup_minutes": args.warmup_minutes, "concurrency": args.concurrency,
                    "max_new_tokens": args.max_new_tokens, "max_growth_mb": args.max_growth_mb,
                    "sample_s": args.sample_s, "max_requests": args.max_requests, "serve_args": args.serve_arg,
